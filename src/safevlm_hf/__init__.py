@@ -1,0 +1,49 @@
+"""safevlm-hf: safety alignment for LLaVA-style vision-language models as a Hugging Face Transformers plugin.
+
+Importing the package registers SafeVLM with `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText` and
+`AutoProcessor`, so saved checkpoints load through the Auto classes with or without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .modeling.configuration_safevlm import SafeVLMConfig
+from .modeling.gating_safevlm import SafetyGateLogitsProcessor
+from .modeling.modeling_safevlm import (
+    SafeVLMForConditionalGeneration,
+    SafeVLMModel,
+    SafeVLMPreTrainedModel,
+)
+from .modeling.policy_safevlm import (
+    DEFAULT_SAFETY_LEVELS,
+    DEFAULT_SAFETY_TYPES,
+    SafetyPolicy,
+    SafetyPolicyError,
+    SafetyVerdict,
+    default_safety_policy,
+)
+from .modeling.processing_safevlm import SafeVLMProcessor
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register("safevlm", SafeVLMConfig, exist_ok=True)
+# AutoModel gives the generating model (with lm_head and gating), which is what users of a safety checkpoint expect
+# from `AutoModel.from_pretrained(..., trust_remote_code=True)`; the saved auto_map says the same.
+AutoModel.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(SafeVLMConfig, SafeVLMProcessor, exist_ok=True)
+
+__all__ = [
+    "DEFAULT_SAFETY_LEVELS",
+    "DEFAULT_SAFETY_TYPES",
+    "SafeVLMConfig",
+    "SafeVLMForConditionalGeneration",
+    "SafeVLMModel",
+    "SafeVLMPreTrainedModel",
+    "SafeVLMProcessor",
+    "SafetyGateLogitsProcessor",
+    "SafetyPolicy",
+    "SafetyPolicyError",
+    "SafetyVerdict",
+    "default_safety_policy",
+]
