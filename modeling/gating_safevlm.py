@@ -62,6 +62,8 @@ class SafetyGateLogitsProcessor(LogitsProcessor):
             if eos_after:
                 plan[row, len(seq) :] = int(eos_token_id)
         self.plan = plan
+        # How many leading steps of each row are forced (a refusal's single EOS included).
+        self.forced_lengths = torch.tensor([len(seq) + int(bool(e)) for seq, e in zip(sequences, end_with_eos)])
         self.prompt_length = int(prompt_length)
         self.active = bool((plan >= 0).any())
 
@@ -83,6 +85,28 @@ class SafetyGateLogitsProcessor(LogitsProcessor):
         forced = torch.full_like(scores, float("-inf"))
         forced[gated, tokens[gated]] = 0.0
         return torch.where(gated[:, None], forced, scores)
+
+    def enforce(self, sequences: torch.LongTensor) -> torch.LongTensor:
+        """Post-condition on finished `sequences`: every forced position holds the forced token.
+
+        The scores already force these tokens; this guards the outputs themselves. Beam search needs it: when every
+        beam of a row is forced, the row's extra hypotheses score exactly transformers' `-1e9` beam sentinel at the
+        first step and may be returned as padding instead of the forced token (`num_return_sequences == num_beams`,
+        `max_new_tokens=1`).
+        """
+        generated = sequences.shape[-1] - self.prompt_length
+        if not self.active or generated <= 0:
+            return sequences
+        steps = min(generated, self.plan.shape[1])
+        plan = self.plan[:, :steps]
+        mask = (torch.arange(steps)[None, :] < self.forced_lengths[:, None]) & (plan >= 0)
+        expand = sequences.shape[0] // self.plan.shape[0]
+        plan = plan.repeat_interleave(expand, dim=0).to(sequences.device)
+        mask = mask.repeat_interleave(expand, dim=0).to(sequences.device)
+        window = sequences[:, self.prompt_length : self.prompt_length + steps]
+        sequences = sequences.clone()
+        sequences[:, self.prompt_length : self.prompt_length + steps] = torch.where(mask, plan, window)
+        return sequences
 
 
 __all__ = ["SafetyGateLogitsProcessor"]
