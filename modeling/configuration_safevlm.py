@@ -62,6 +62,9 @@ class SafeVLMConfig(LlavaConfig):
             The graded refusal policy applied by `generate()` (see [`SafetyPolicy`]). Defaults to the built-in policy.
         safety_base_model (`str`, *optional*):
             The LLaVA checkpoint this model was converted from (recorded by `from_llava`, shown in the model card).
+        safety_training_stages (`list[dict]`, *optional*):
+            Stages that produced the checkpoint, each `{stage, data, steps, metrics}`; filled by the trainers and shown
+            in the model card.
 
     Example:
 
@@ -89,6 +92,7 @@ class SafeVLMConfig(LlavaConfig):
     safety_initializer_range: float = 0.02
     safety_policy: dict | None = None
     safety_base_model: str | None = None
+    safety_training_stages: list[dict] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

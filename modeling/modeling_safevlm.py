@@ -46,6 +46,7 @@ from transformers.utils import logging
 
 from .configuration_safevlm import SafeVLMConfig
 from .gating_safevlm import SafetyGateLogitsProcessor
+from .modelcard_safevlm import write_model_card
 from .policy_safevlm import SafetyPolicy, SafetyVerdict
 from .processing_safevlm import SafeVLMProcessor  # noqa: F401  (a relative import, so save_pretrained copies the file)
 
@@ -540,14 +541,25 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
 
         `register_for_auto_class` records one model class; the config's `auto_map` here names all four (AutoConfig,
         AutoModel, AutoModelForImageTextToText, AutoProcessor). The processing file is copied by transformers itself,
-        as a relative import of this file.
+        as a relative import of this file. A model card (README.md) is generated from the config unless the folder
+        holds one written by a person (`overwrite_model_card=True` replaces it).
         """
+        overwrite_model_card = kwargs.pop("overwrite_model_card", False)
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForImageTextToText"] = f"{module}.{type(self).__name__}"
         auto_map["AutoProcessor"] = "processing_safevlm.SafeVLMProcessor"
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main_process:
+            write_model_card(save_directory, self.config, overwrite=overwrite_model_card)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # transformers' push_to_hub (and save_pretrained(push_to_hub=True)) replace README.md with the Hub's card or
+        # their stub just before uploading: put the generated card back (a card written by a person is kept).
+        write_model_card(working_dir, self.config, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
@@ -937,8 +949,10 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         processors.append(gate)
         output = super().generate(inputs, generation_config, processors, **kwargs)
         if isinstance(output, ModelOutput):
+            output["sequences"] = gate.enforce(output["sequences"])
             output["safety_verdicts"] = verdicts
-        return output
+            return output
+        return gate.enforce(output)
 
 
 SafeVLMConfig.register_for_auto_class()

@@ -1,0 +1,344 @@
+"""Push a saved SafeVLM checkpoint folder to the Hugging Face Hub: exactly the files a remote-code load needs, in one
+commit.
+
+The folder is what `model.save_pretrained(d)` + `processor.save_pretrained(d)` write: safetensors weights, configs,
+the `*_safevlm.py` code files named by the `auto_map`s (and their relative imports), the processor, tokenizer and chat
+template, and the model card. Anything else in the folder (optimizer states, pickled `training_args.bin`, notes,
+sub-folders) is left out, with a warning that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from transformers.dynamic_module_utils import get_relative_imports
+from transformers.utils import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    IMAGE_PROCESSOR_NAME,
+    LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+    PROCESSOR_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    logging,
+)
+
+from .modeling.modelcard_safevlm import MODEL_CARD_NAME, fill_model_card_repo_id
+
+
+logger = logging.get_logger(__name__)
+
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# Files a tokenizer may be saved as; at least one vocabulary file must be there.
+TOKENIZER_VOCAB_FILES: tuple[str, ...] = (
+    "tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt"
+)
+TOKENIZER_EXTRA_FILES: tuple[str, ...] = ("special_tokens_map.json", "added_tokens.json", "merges.txt")
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# The config files whose `auto_map` names the code files a `trust_remote_code` load imports.
+AUTO_MAP_FILES: tuple[str, ...] = (CONFIG_NAME, PROCESSOR_NAME, TOKENIZER_CONFIG_NAME, IMAGE_PROCESSOR_NAME)
+
+
+class CheckpointFolderError(ValueError):
+    """A checkpoint folder lacks files a remote-code load needs, or holds files that must not be uploaded."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointFolderError(f"{path}: cannot be read as JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointFolderError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _auto_map_modules(folder: Path, problems: list[str]) -> list[str]:
+    """Module names (`modeling_safevlm`, ...) that the folder's `auto_map` entries point to."""
+    modules: list[str] = []
+    for name in AUTO_MAP_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = _read_json(path)
+        auto_maps = [data.get("auto_map")]
+        if isinstance(data.get("image_processor"), dict):  # processors nest the image processor's config
+            auto_maps.append(data["image_processor"].get("auto_map"))
+        for auto_map in auto_maps:
+            for auto_class, reference in (auto_map or {}).items():
+                for ref in reference if isinstance(reference, (list, tuple)) else [reference]:
+                    if ref is None:
+                        continue
+                    if "--" in ref:
+                        problems.append(
+                            f"{name}: auto_map[{auto_class!r}] = {ref!r} loads code from another repository; save the "
+                            "model with safevlm-hf so that its code travels in this folder."
+                        )
+                        continue
+                    module = ref.rsplit(".", 1)[0]
+                    if module not in modules:
+                        modules.append(module)
+    return modules
+
+
+def _weight_files(folder: Path, missing: list[str], problems: list[str]) -> list[str]:
+    single, index = folder / SAFE_WEIGHTS_NAME, folder / SAFE_WEIGHTS_INDEX_NAME
+    if single.is_file() and index.is_file():
+        problems.append(
+            f"both {SAFE_WEIGHTS_NAME} and {SAFE_WEIGHTS_INDEX_NAME} are present; one is stale. Save the model again "
+            "into an empty folder."
+        )
+        return []
+    if single.is_file():
+        return [SAFE_WEIGHTS_NAME]
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            problems.append(f"{SAFE_WEIGHTS_INDEX_NAME}: has no 'weight_map'.")
+            return []
+        shards = sorted(set(weight_map.values()))
+        missing += [
+            f"{shard} (listed in {SAFE_WEIGHTS_INDEX_NAME})" for shard in shards if not (folder / shard).is_file()
+        ]
+        return [SAFE_WEIGHTS_INDEX_NAME, *shards]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    hint = (
+        f" Found pickled files {pickled}: they are never uploaded; load the model and save_pretrained it to get "
+        "safetensors."
+        if pickled
+        else ""
+    )
+    missing.append(f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (the weights).{hint}")
+    return []
+
+
+def _code_files(root: Path, modules: list[str], missing: list[str]) -> list[str]:
+    """The `auto_map` modules' files and, recursively, the sibling files they import (transformers' own parser)."""
+    queue = [(f"{module}.py", "named by an auto_map") for module in modules]
+    found: list[str] = []
+    seen: set[str] = set()
+    while queue:
+        name, why = queue.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        if not (root / name).is_file():
+            missing.append(f"{name} ({why})")
+            continue
+        found.append(name)
+        queue += [(f"{module}.py", "imported by the code files") for module in get_relative_imports(root / name)]
+    return found
+
+
+def _plan_upload(folder: str | os.PathLike) -> tuple[list[str], list[str], list[str]]:
+    """`(files to upload, missing files, other problems)` for a checkpoint folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CheckpointFolderError(f"{root} is not a folder; pass the folder that save_pretrained wrote.")
+    files: list[str] = []
+    missing: list[str] = []
+    problems: list[str] = []
+
+    def need(name: str, why: str) -> None:
+        if (root / name).is_file():
+            files.append(name)
+        else:
+            missing.append(f"{name} ({why})")
+
+    def take_if_present(name: str) -> None:
+        if (root / name).is_file():
+            files.append(name)
+
+    need(CONFIG_NAME, "model config, from model.save_pretrained")
+    need(GENERATION_CONFIG_NAME, "generation config, from model.save_pretrained")
+    files += _weight_files(root, missing, problems)
+
+    need(PROCESSOR_NAME, "processor config with its auto_map, from processor.save_pretrained")
+    take_if_present(IMAGE_PROCESSOR_NAME)
+    need(TOKENIZER_CONFIG_NAME, "from processor.save_pretrained")
+    vocab = [name for name in TOKENIZER_VOCAB_FILES if (root / name).is_file()]
+    if not vocab:
+        missing.append(
+            f"one of {list(TOKENIZER_VOCAB_FILES)} (the tokenizer vocabulary, from processor.save_pretrained)"
+        )
+    files += vocab
+    for name in TOKENIZER_EXTRA_FILES:
+        take_if_present(name)
+
+    templates = [name for name in (CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE) if (root / name).is_file()]
+    files += templates
+    template_dir = root / CHAT_TEMPLATE_DIR
+    if template_dir.is_dir():
+        files += sorted(f"{CHAT_TEMPLATE_DIR}/{p.name}" for p in template_dir.iterdir() if p.suffix == ".jinja")
+    inline_template = any(
+        "chat_template" in _read_json(root / name)
+        for name in (PROCESSOR_NAME, TOKENIZER_CONFIG_NAME)
+        if (root / name).is_file()
+    )
+    if not templates and not inline_template:
+        missing.append(f"{CHAT_TEMPLATE_FILE} (the chat template, from processor.save_pretrained)")
+
+    modules = _auto_map_modules(root, problems) if (root / CONFIG_NAME).is_file() else []
+    if (root / CONFIG_NAME).is_file() and not _read_json(root / CONFIG_NAME).get("auto_map"):
+        problems.append(f"{CONFIG_NAME} has no auto_map: trust_remote_code would find no model code.")
+    files += _code_files(root, modules, missing)
+
+    need(MODEL_CARD_NAME, "the model card; model.save_pretrained writes it")
+    # Dedupe in order: several auto_maps name the same module.
+    return list(dict.fromkeys(files)), list(dict.fromkeys(missing)), problems
+
+
+def remote_code_files(folder: str | os.PathLike) -> list[str]:
+    """The files of `folder` that a `trust_remote_code=True` load (and the Hub page) needs, as relative paths.
+
+    Weights (`*.safetensors` + index), `config.json`, `generation_config.json`, every code file named by an `auto_map`
+    and its relative imports, the processor / image processor / tokenizer files, the chat template and `README.md`.
+    Files that are needed but absent are not listed; [`check_upload_folder`] reports them.
+    """
+    return sorted(_plan_upload(folder)[0])
+
+
+def check_upload_folder(folder: str | os.PathLike) -> list[str]:
+    """Check that `folder` holds everything a remote-code load needs; return the files to upload.
+
+    Raises:
+        CheckpointFolderError: naming every missing file (and why it is needed) and every other problem.
+    """
+    files, missing, problems = _plan_upload(folder)
+    if missing or problems:
+        lines = [f"{folder} cannot be pushed as a SafeVLM checkpoint:"]
+        lines += [f"  - missing: {item}" for item in missing]
+        lines += [f"  - {item}" for item in problems]
+        lines.append(
+            "Save it with `model.save_pretrained(folder)` and `processor.save_pretrained(folder)` (SafeVLM writes the "
+            "code files and README.md itself)."
+        )
+        raise CheckpointFolderError("\n".join(lines))
+    root = Path(folder)
+    uploaded = set(files)
+    present = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    left_out = sorted(name for name in present if name not in uploaded)
+    if left_out:
+        logger.warning(f"Not uploading {len(left_out)} file(s) that a SafeVLM load does not need: {left_out}")
+    return sorted(files)
+
+
+def _operations(folder: Path, files: list[str], repo_id: str) -> list[CommitOperationAdd]:
+    operations = []
+    for name in files:
+        source: str | bytes = str(folder / name)
+        if name == MODEL_CARD_NAME:
+            # A card we generated without a repo id gets it in its quick-start; the folder itself is not modified.
+            text = (folder / name).read_text(encoding="utf-8")
+            filled = fill_model_card_repo_id(text, repo_id)
+            if filled != text:
+                source = filled.encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=source))
+    return operations
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> CommitInfo:
+    """Upload a saved SafeVLM folder to `repo_id` in a single commit.
+
+    The repository is created if needed (`private=True` makes a new one private; an existing repository keeps its
+    visibility). With `revision`, the commit goes to that branch, created from `main` if it does not exist (a
+    `refs/pr/N` revision goes to that pull request).
+
+    `huggingface_hub.HfApi.create_commit` is used rather than `upload_folder` so that the commit holds exactly the
+    checked list of files (no glob patterns) and the card can get the repo id without rewriting the user's folder.
+
+    Returns:
+        `huggingface_hub.CommitInfo`: `.oid` is the commit sha to pin as `revision=` when loading.
+    """
+    folder = Path(model_dir)
+    files = check_upload_folder(folder)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model").repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.create_commit(
+        repo_id,
+        operations=_operations(folder, files, repo_id),
+        commit_message=commit_message or f"Upload SafeVLM checkpoint ({len(files)} files)",
+        revision=revision,
+        repo_type="model",
+    )
+
+
+@dataclass(frozen=True)
+class PushCall:
+    """The arguments of one [`push_to_hub`] call, checked before anything touches the network."""
+
+    model_dir: Path
+    repo_id: str
+    files: tuple[str, ...]
+    private: bool = False
+    revision: str | None = None
+    token: str | None = field(default=None, repr=False)
+    commit_message: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for [`push_to_hub`]."""
+        return {
+            "model_dir": self.model_dir,
+            "repo_id": self.repo_id,
+            "private": self.private,
+            "revision": self.revision,
+            "token": self.token,
+            "commit_message": self.commit_message,
+        }
+
+
+def build_push_call(args: argparse.Namespace) -> PushCall:
+    """Turn parsed `safevlm push` arguments into a [`PushCall`]; checks the folder and the token variable.
+
+    Raises:
+        CheckpointFolderError: the folder is incomplete (see [`check_upload_folder`]).
+        ValueError: `--token-env` names an unset environment variable, or the repo id is not `owner/name` or `name`.
+    """
+    repo_id = args.repo_id.strip()
+    if not repo_id or repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
+        raise ValueError(
+            f"--repo-id must look like 'owner/name' (or 'name' for your namespace), got {args.repo_id!r}."
+        )
+    token = None  # huggingface_hub then uses HF_TOKEN or the login stored by `hf auth login`
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise ValueError(f"--token-env {args.token_env}: that environment variable is not set (or empty).")
+    files = check_upload_folder(args.model)
+    return PushCall(
+        model_dir=Path(args.model),
+        repo_id=repo_id,
+        files=tuple(files),
+        private=bool(args.private),
+        revision=args.revision,
+        token=token,
+        commit_message=args.commit_message,
+    )
+
+
+__all__ = [
+    "CheckpointFolderError",
+    "PushCall",
+    "build_push_call",
+    "check_upload_folder",
+    "push_to_hub",
+    "remote_code_files",
+]
