@@ -1,0 +1,314 @@
+# Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
+"""``safevlm convert`` and ``safevlm train``: the command-line side of conversion and two-stage training.
+
+:func:`register` adds both subcommands to the ``safevlm`` console script's subparsers (each sets ``func`` to its
+runner, which returns an exit code). ``python -m safevlm_hf.training.cli convert|train ...`` runs them without the
+console script, e.g. under ``torchrun --nproc_per_node 2 -m safevlm_hf.training.cli train ...`` or
+``accelerate launch --multi_gpu --num_processes 2 -m safevlm_hf.training.cli train ...`` (on a machine without GPUs
+both start CPU processes that talk over gloo; note that ``accelerate launch --cpu`` starts multi-process CPU runs only
+through MPI, and without ``--multi_gpu`` a GPU-less machine gets a single process).
+
+Exit codes: 0 success, 2 bad input (data, model folder or options; the message says which and what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# --------------------------------------------------------------------------------------------------------- convert
+def _add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="Convert a LLaVA checkpoint folder into a SafeVLM checkpoint (fresh safety modules).",
+        description=(
+            "Turn a LLaVA checkpoint (LlavaForConditionalGeneration + its processor) into a SafeVLM checkpoint: every "
+            "base weight is copied unchanged and the safety modules are newly initialized, ready for Stage I."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="LLaVA checkpoint folder (or a Hub id already cached).")
+    parser.add_argument("--out", required=True, help="Folder to write the SafeVLM checkpoint to.")
+    parser.add_argument(
+        "--num-safety-tokens", type=int, default=64, help="Size of each safety-token set (default: 64)."
+    )
+    parser.add_argument(
+        "--safety-feature-layer",
+        type=int,
+        default=None,
+        help="Vision-encoder layer the safety projector reads (default: the LLaVA vision_feature_layer).",
+    )
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert ``args.model`` (LLaVA) into a SafeVLM checkpoint in ``args.out``; returns an exit code."""
+    from transformers import AutoConfig
+
+    from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
+    from ..modeling.processing_safevlm import SafeVLMProcessor
+
+    if args.num_safety_tokens < 1:
+        return _error(f"--num-safety-tokens must be >= 1, got {args.num_safety_tokens}.")
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        return _error(f"cannot read a model config from {args.model!r}: {err}")
+    if config.model_type == "safevlm":
+        return _error(f"{args.model} is already a SafeVLM checkpoint; train it with `safevlm train`.")
+    if config.model_type != "llava":
+        return _error(f"{args.model} is a {config.model_type!r} model; `safevlm convert` takes a LLaVA checkpoint.")
+    overrides = {"num_safety_tokens": args.num_safety_tokens}
+    if args.safety_feature_layer is not None:
+        overrides["safety_feature_layer"] = args.safety_feature_layer
+    try:
+        processor = SafeVLMProcessor.from_llava_processor(args.model, num_safety_tokens=args.num_safety_tokens)
+    except (OSError, ValueError) as err:
+        return _error(f"cannot load the LLaVA processor (tokenizer + image processor) from {args.model!r}: {err}")
+    model = SafeVLMForConditionalGeneration.from_llava(args.model, **overrides)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"Converted {args.model} to SafeVLM ({args.num_safety_tokens} safety tokens per set): {out}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+def _add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="Train a SafeVLM checkpoint: --stage 1 (safety modules) or --stage 2 (LLM).",
+        description=(
+            "Stage 1 trains the safety projector, safety tokens and safety head (the rest frozen); stage 2 trains "
+            "the LLM (LoRA by default, merged into a plain SafeVLM checkpoint) with the safety modules frozen, on "
+            "data whose answers follow the safety policy. Runs unchanged under torchrun / accelerate launch."
+        ),
+    )
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: safety modules; 2: the LLM.")
+    parser.add_argument("--model", required=True, help="SafeVLM checkpoint folder (see `safevlm convert`).")
+    parser.add_argument(
+        "--data", required=True, help="Training data: a .jsonl/.json file of the documented format, or vlguard:PATH."
+    )
+    parser.add_argument("--out", required=True, help="Output folder: checkpoint-N folders and the final model.")
+    parser.add_argument("--eval-data", default=None, help="Held-out data (same forms as --data), evaluated at the end.")
+    parser.add_argument("--image-root", default=None, help="Folder of relative image paths (default: the data file's).")
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="Skip, count and report bad rows instead of stopping at the first."
+    )
+    parser.add_argument(
+        "--num-safe-samples", type=int, default=None, help="Stage 1 balancing: all risky rows + N sampled safe rows."
+    )
+    parser.add_argument("--stage2-mode", choices=("lora", "full"), default="lora", help="Stage 2: LoRA or full LLM.")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-target-modules", nargs="+", default=None, help="LLM linear layers (default: all).")
+    parser.add_argument(
+        "--no-conditioning",
+        action="store_true",
+        help="Stage 2: train on the data's answers as they are, not rewritten to follow the safety policy.",
+    )
+    parser.add_argument("--safety-profile", default=None, help="Policy profile for the stage 2 conditioning.")
+    parser.add_argument(
+        "--no-merge", action="store_true", help="Stage 2 LoRA: save the adapter only, do not merge it into the model."
+    )
+    parser.add_argument("--safety-loss-weight", type=float, default=None, help="Default: the model's config value.")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="Stop after this many optimizer steps (-1: epochs).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Per-process batch size.")
+    parser.add_argument("--grad-accum", type=int, default=1, help="Gradient accumulation steps.")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-length", type=int, default=None, help="Reject rows longer than this many tokens.")
+    parser.add_argument("--save-steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        help="Resume from a checkpoint folder, or (no value) from the last checkpoint in --out.",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Any other SafeVLMTrainingConfig / TrainingArguments field, e.g. --set warmup_steps=10 (repeatable).",
+    )
+    parser.set_defaults(func=run_train)
+
+
+def build_training_config(args: argparse.Namespace):
+    """The :class:`SafeVLMTrainingConfig` for ``safevlm train`` options (``--set`` fields parsed and typed by
+    `HfArgumentParser`)."""
+    from transformers import HfArgumentParser
+
+    from .config import SafeVLMTrainingConfig
+
+    argv = [
+        "--output_dir", str(args.out),
+        "--stage", str(args.stage),
+        "--stage2_mode", args.stage2_mode,
+        "--lora_r", str(args.lora_r),
+        "--lora_alpha", str(args.lora_alpha),
+        "--lora_dropout", str(args.lora_dropout),
+        "--stage2_conditioning", str(not args.no_conditioning),
+        "--num_train_epochs", str(args.epochs),
+        "--max_steps", str(args.max_steps),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", str(args.grad_accum),
+        "--learning_rate", str(args.lr),
+        "--seed", str(args.seed),
+        "--save_steps", str(args.save_steps),
+        "--logging_steps", str(args.logging_steps),
+    ]
+    optional = {
+        "lora_target_modules": args.lora_target_modules,
+        "safety_profile": args.safety_profile,
+        "num_safe_samples": args.num_safe_samples,
+        "safety_loss_weight": args.safety_loss_weight,
+        "max_length": args.max_length,
+    }
+    for key, value in optional.items():
+        if value is not None:
+            argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+        argv += [f"--{key.strip()}", value]
+    parser = HfArgumentParser(SafeVLMTrainingConfig)
+    (config, unknown) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; see SafeVLMTrainingConfig / TrainingArguments fields.")
+    return config
+
+
+def _report_skipped(dataset, label: str) -> None:
+    if dataset.skipped_rows:
+        print(f"{label}: skipped {len(dataset.skipped_rows)} bad row(s):")
+        for row in dataset.skipped_rows:
+            print(f"  {row}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``safevlm train``; returns an exit code."""
+    from transformers import AutoConfig
+
+    from ..data import SafetyDataError, load_safety_dataset
+    from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
+    from ..modeling.policy_safevlm import SafetyPolicyError
+    from ..modeling.processing_safevlm import SafeVLMProcessor
+    from .stages import merge_stage2
+    from .trainer import SafeVLMTrainer
+
+    try:
+        config = build_training_config(args)
+    except (ValueError, SystemExit) as err:  # argparse reports a bad --set value by exiting
+        return _error(f"bad training options: {err}")
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        return _error(f"cannot read a model config from {args.model!r}: {err}")
+    if model_config.model_type != "safevlm":
+        return _error(
+            f"{args.model} is a {model_config.model_type!r} checkpoint, not SafeVLM; convert it first: "
+            f"safevlm convert --model {args.model} --out SAFEVLM_DIR"
+        )
+    try:
+        processor = SafeVLMProcessor.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        return _error(f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}")
+    model = SafeVLMForConditionalGeneration.from_pretrained(args.model)
+
+    data_options = dict(
+        image_root=args.image_root,
+        skip_bad_rows=args.skip_bad_rows,
+        safety_types=model.config.safety_types,
+        num_levels=len(model.config.safety_levels),
+    )
+    try:
+        train_data = load_safety_dataset(args.data, **data_options)
+        eval_data = load_safety_dataset(args.eval_data, **data_options) if args.eval_data else None
+        trainer = SafeVLMTrainer(
+            model, args=config, train_dataset=train_data, eval_dataset=eval_data, processing_class=processor
+        )
+    except (SafetyDataError, SafetyPolicyError) as err:
+        return _error(str(err))
+    main = trainer.is_world_process_zero()
+    if main:
+        _report_skipped(train_data, args.data)
+        if eval_data is not None:
+            _report_skipped(eval_data, args.eval_data)
+        print(f"Stage {args.stage}: {len(trainer.train_dataset)} training rows from {args.data}")
+
+    try:
+        result = trainer.train(resume_from_checkpoint=args.resume)
+    except SafetyDataError as err:  # an image that became unreadable after loading, a row over --max-length
+        return _error(str(err))
+    metrics = dict(result.metrics)
+    if eval_data is not None:
+        metrics.update(trainer.evaluate())
+
+    # The exported folder is what `save_pretrained` writes (weights, config, remote code, processor), without the
+    # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs.
+    out = Path(args.out)
+    export = trainer.accelerator.unwrap_model(trainer.model)
+    saved = out
+    if args.stage == 2 and args.stage2_mode == "lora":
+        if main:
+            export.save_pretrained(out / "adapter")
+            processor.save_pretrained(out / "adapter")
+        if args.no_merge:
+            export, saved = None, out / "adapter"
+        else:
+            export = merge_stage2(export)
+    if export is not None and main:
+        export.save_pretrained(out)
+        processor.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+        print(f"Saved the stage {args.stage} model to {saved}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------------- wiring
+def register(subparsers) -> None:
+    """Add the ``convert`` and ``train`` subcommands to an `argparse` subparsers object (each sets ``func``)."""
+    _add_convert_parser(subparsers)
+    _add_train_parser(subparsers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m safevlm_hf.training.cli`` (the ``safevlm`` console script wires the same parsers)."""
+    parser = argparse.ArgumentParser(prog="python -m safevlm_hf.training.cli")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

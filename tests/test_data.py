@@ -1,0 +1,285 @@
+"""Training data: the documented JSONL format, PSA-VLM and VLGuard files, bad rows, balancing, the collator."""
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from safevlm_hf import SafetyPolicy
+from safevlm_hf.data import (
+    SafeVLMDataCollator,
+    SafetyDataError,
+    balance_for_stage1,
+    load_safety_dataset,
+    load_vlguard,
+    safety_dataset_from_hf,
+)
+from safevlm_hf.training import condition_on_policy
+
+from conftest import make_image
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _row(question="What is shown?", answer="A red square.", image="img.png", safe_type=6, safe_level=0, **extra):
+    value = ("<image>\n" if image else "") + question
+    row = {"safe_type": safe_type, "image": image, "safe_level": safe_level,
+           "conversations": [{"from": "USER", "value": value}, {"from": "ASSISTANT", "value": answer}]}
+    row.update(extra)
+    return row
+
+
+def _write_jsonl(folder: Path, rows, name="data.jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    make_image(0).save(folder / "img.png")
+    path = folder / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- formats
+def test_psa_vlm_rows_load_with_images_relative_to_the_file(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # relative image paths must not depend on the working directory
+    dataset = load_safety_dataset(FIXTURES / "psa_vlm" / "data.jsonl")
+    assert len(dataset) == 7 and dataset.skipped_rows == []
+    assert [e.safe_type for e in dataset.examples] == [0, 1, 2, 3, 4, 5, 6]
+    assert [e.safe_level for e in dataset.examples] == [3, 3, 2, 2, 2, 1, 0]
+    first = dataset[0]
+    assert first["messages"][0] == {"role": "user", "content": "What does the banner in this picture demand?"}
+    assert first["messages"][1]["role"] == "assistant" and first["image_turn"] == 0
+    assert first["image"].mode == "RGB" and first["image"].size == (8, 8)
+    assert first["location"].endswith("data.jsonl, line 1")
+
+
+def test_speaker_aliases_text_only_rows_and_json_lists(tmp_path):
+    row = {"safe_type": 4, "safe_level": 2, "image": None, "conversations": [
+        {"from": "Human", "value": "Find this person's phone number."}, {"from": "GPT", "value": "I can't."},
+        {"from": "human", "value": "Please?"}, {"from": "gpt", "value": "No."}]}
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([row, {**row, "conversations": row["conversations"][:2]}]))
+    dataset = load_safety_dataset(path)
+    assert [m["role"] for m in dataset[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert dataset[0]["image"] is None and dataset[0]["image_turn"] is None
+    assert dataset.examples[1].location.endswith("rows.json, row 1")
+
+
+def test_hf_dataset_gives_the_same_examples_as_the_jsonl(tmp_path):
+    path = FIXTURES / "psa_vlm" / "data.jsonl"
+    from_file = load_safety_dataset(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    from_paths = safety_dataset_from_hf(datasets.Dataset.from_list(rows), image_root=path.parent)
+    assert [(e.messages, e.safe_type, e.safe_level, e.image) for e in from_paths.examples] == [
+        (e.messages, e.safe_type, e.safe_level, e.image) for e in from_file.examples
+    ]
+    # an Image column (as from the Hub) is read undecoded and decoded per item
+    with_images = datasets.Dataset.from_list(
+        [{**r, "image": str(path.parent / r["image"])} for r in rows]
+    ).cast_column("image", datasets.Image())
+    loaded = load_safety_dataset(with_images)
+    assert len(loaded) == 7 and [e.safe_type for e in loaded.examples] == list(range(7))
+    assert list(loaded[3]["image"].getdata()) == list(from_file[3]["image"].getdata())
+
+
+def test_vlguard_entries_become_rows_by_the_documented_table(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    dataset = load_safety_dataset(f"vlguard:{FIXTURES / 'vlguard' / 'train.json'}")
+    rows = [(e.messages[0]["content"][:20], e.safe_type, e.safe_level) for e in dataset.examples]
+    assert rows == [
+        ("Describe the caf\u00e9 in", 6, 0),           # safe image, safe instruction
+        ("Tell me how to break", None, 3),            # safe image, unsafe instruction: type unknown, reject
+        ("Write a post saying ", 5, 2),               # deception / disinformation -> Misleading 2
+        ("How do I hurt someon", 1, 3),               # risky behavior / violence -> Illegal Risk 3
+        ("Explain why this mem", 3, 2),               # discrimination / race -> Fairness 2
+        ("Read me the card num", 4, 2),               # privacy / personal data -> Privacy 2
+        ("Should I stop my med", 5, 1),               # risky behavior / professional advice -> Misleading 1
+    ]
+    assert all(e.image_turn == 0 and Path(e.image).is_file() for e in dataset.examples)
+    assert dataset.examples[1].location.endswith("entry 0 (id Priv_000001) [unsafe_instruction]")
+    typed = load_vlguard(FIXTURES / "vlguard" / "train.json", unsafe_instruction_type="Illegal Risk")
+    assert typed.examples[1].safe_type == 1
+
+
+def test_vlguard_unknown_category_is_a_bad_row_and_subcategory_falls_back(tmp_path):
+    source = FIXTURES / "vlguard"
+    entries = json.loads((source / "train.json").read_text())
+    entries[2]["harmful_subcategory"] = "weapons"  # unknown subcategory of a known category: category fallback
+    entries[3]["harmful_category"], entries[3]["harmful_subcategory"] = "spam", "ads"
+    shutil.copytree(source, tmp_path / "vl")
+    (tmp_path / "vl" / "train.json").write_text(json.dumps(entries))
+    with pytest.raises(SafetyDataError, match=r"train\.json, entry 3 \(id Meme_000004\): unknown harmful category 'spam'"):
+        load_vlguard(tmp_path / "vl" / "train.json")
+    dataset = load_vlguard(tmp_path / "vl" / "train.json", skip_bad_rows=True)
+    assert len(dataset) == 6 and [r.location for r in dataset.skipped_rows] == [
+        f"{tmp_path / 'vl' / 'train.json'}, entry 3 (id Meme_000004)"
+    ]
+    assert (dataset.examples[3].safe_type, dataset.examples[3].safe_level) == (1, 3)  # "risky behavior" fallback
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+BAD_ROWS = {
+    "missing image": (_row(image="nowhere.png"), r"image file '.*nowhere\.png' does not exist"),
+    "unreadable image": (_row(image="broken.png"), r"image file '.*broken\.png' cannot be read as an image"),
+    "type out of range": (_row(safe_type=7), r"safe_type 7 is out of range; use 0\.\.6"),
+    "negative level": (_row(safe_level=-1), r"safe_level -1 is out of range; use 0\.\.3"),
+    "level out of range": (_row(safe_type=1, safe_level=4), r"safe_level 4 is out of range"),
+    "non-integer type": (_row(safe_type="2"), r"safe_type must be an integer"),
+    "empty conversation": ({**_row(), "conversations": []}, r"the conversation is empty"),
+    "no assistant turn": ({**_row(), "conversations": [{"from": "USER", "value": "<image>\nhi"}]},
+                          r"no ASSISTANT turn"),
+    "unknown speaker": ({**_row(), "conversations": [{"from": "bot", "value": "x"}]}, r"unknown speaker 'bot'"),
+    "placeholder without image": (_row(image=None, question="<image>\nWhat?"), r"'<image>' placeholder but the row has no image"),
+    "invalid JSON": ('{"safe_type": 1, "image": ', r"not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_bad_row_fails_with_file_and_line(tmp_path, case):
+    row, message = BAD_ROWS[case]
+    path = _write_jsonl(tmp_path, [_row(), _row(safe_type=2, safe_level=2), row, _row()])
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(SafetyDataError, match=rf"data\.jsonl, line 3: .*{message}"):
+        load_safety_dataset(path)
+
+
+def test_skip_bad_rows_counts_and_reports_every_bad_row(tmp_path, caplog):
+    good = [_row(), _row(safe_type=0, safe_level=3)]
+    bad = [BAD_ROWS[c][0] for c in ("missing image", "type out of range", "empty conversation", "invalid JSON")]
+    path = _write_jsonl(tmp_path, [good[0], bad[0], bad[1], "", good[1], bad[2], bad[3]])
+    with caplog.at_level(logging.WARNING):
+        dataset = load_safety_dataset(path, skip_bad_rows=True)
+    assert len(dataset) == 2
+    assert [row.location.rsplit(", ", 1)[1] for row in dataset.skipped_rows] == ["line 2", "line 3", "line 6", "line 7"]
+    assert "does not exist" in dataset.skipped_rows[0].reason and "Fix the row" not in dataset.skipped_rows[0].reason
+    assert "Skipped 4 bad row(s)" in caplog.text
+
+
+def test_hf_dataset_bad_row_names_the_row(tmp_path):
+    rows = [_row(image=None, question="Hi"), _row(image=None, question="Hi", safe_level=9)]
+    with pytest.raises(SafetyDataError, match=r"row 1: safe_level 9 is out of range"):
+        safety_dataset_from_hf(datasets.Dataset.from_list(rows))
+
+
+def test_an_image_that_breaks_after_loading_names_its_row(tmp_path):
+    path = _write_jsonl(tmp_path, [_row()])
+    dataset = load_safety_dataset(path)
+    (tmp_path / "img.png").write_bytes(b"truncated")
+    with pytest.raises(SafetyDataError, match=r"data\.jsonl, line 1: image file .* cannot be read"):
+        dataset[0]
+
+
+# ------------------------------------------------------------------------------------------------ balancing
+def test_stage1_balancing_keeps_every_risky_row_and_a_seeded_safe_sample(tmp_path):
+    rows = [_row(safe_type=i % 6, safe_level=3) for i in range(5)] + [_row(question=f"q{i}") for i in range(20)]
+    dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
+    balanced = balance_for_stage1(dataset, num_safe_samples=6, seed=0)
+    assert len(balanced) == 11
+    assert [e.safe_type for e in balanced.examples[:5]] == [0, 1, 2, 3, 4]  # every risky row, file order kept
+    picked = [e.messages[0]["content"] for e in balanced.examples[5:]]
+    assert picked == [e.messages[0]["content"] for e in balance_for_stage1(dataset, 6, seed=0).examples[5:]]
+    assert picked != [e.messages[0]["content"] for e in balance_for_stage1(dataset, 6, seed=1).examples[5:]]
+    assert balance_for_stage1(dataset, None) is dataset
+    with pytest.raises(ValueError, match="only 20 safe rows"):
+        balance_for_stage1(dataset, 21)
+
+
+# ------------------------------------------------------------------------------------------------- collator
+def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
+    model, processor = tiny_safevlm
+    tokenizer = processor.tokenizer
+    features = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                      {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."}],
+         "image": None, "safe_type": 6, "safe_level": 0},
+        {"messages": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A cat."}],
+         "image": make_image(3), "image_turn": 0, "safe_type": None, "safe_level": 3},
+    ]
+    batch = SafeVLMDataCollator(processor)(features)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "safety_text_mask",
+                          "safety_type_labels", "safety_level_labels"}
+    assert batch["safety_type_labels"].tolist() == [6, -100] and batch["safety_level_labels"].tolist() == [0, 3]
+    # pixel_values: one image, the second row's (text-only rows add none)
+    expected_pixels = processor.image_processor(make_image(3), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixel_values"], expected_pixels)
+
+    def tokens(row, mask):
+        ids = batch["input_ids"][row][mask.bool()]
+        return tokenizer.convert_ids_to_tokens(ids.tolist())
+
+    # Row 0, "USER: Hi ASSISTANT: Hello.</s>USER: More? ASSISTANT: No.</s>": both answers (with their </s>) are
+    # targets; the head reads the two user turns and the role headers.
+    assert tokens(0, batch["labels"][0] != -100) == ["Ġ", "H", "el", "lo", ".", "</s>", "ĠNo", ".", "</s>"]
+    assert tokens(0, batch["safety_text_mask"][0]) == [
+        "<s>", "ĠUSER", ":", "Ġ", "H", "i", "ĠASSISTANT", ":", "ĠUSER", ":", "Ġ", "M", "o", "re", "?", "ĠASSISTANT", ":"]
+    labels0 = batch["labels"][0][batch["labels"][0] != -100]
+    assert torch.equal(labels0, batch["input_ids"][0][batch["labels"][0] != -100])
+    # Row 1: 25 image tokens + 4 safety placeholders are neither targets nor read by the head; padding is on the right.
+    image_positions = batch["input_ids"][1] == processor.image_token_id
+    assert int(image_positions.sum()) == 25 + 4
+    assert not (batch["labels"][1][image_positions] != -100).any() and not batch["safety_text_mask"][1][image_positions].any()
+    assert tokens(1, batch["labels"][1] != -100) == ["Ġ", "A", "Ġcat", ".", "</s>"]
+    assert tokens(1, batch["safety_text_mask"][1])[-4:] == ["Ġit", "?", "ĠASSISTANT", ":"]
+    padding = batch["attention_mask"] == 0
+    assert padding[0].any() and not padding[0][: int(batch["attention_mask"][0].sum())].any()
+    assert not (batch["labels"][padding] != -100).any() and not batch["safety_text_mask"][padding].any()
+    # the prompt the head reads is exactly what it reads at inference (prompt + generation header)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                           add_generation_prompt=True)
+    prompt_ids = processor(text=[prompt], return_tensors="pt")["input_ids"][0]
+    assert tokens(0, batch["safety_text_mask"][0])[:8] == tokenizer.convert_ids_to_tokens(prompt_ids.tolist())
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.safety_type_logits.shape == (2, 7)
+
+
+def test_collator_keeps_pixel_values_in_row_order_for_mixed_batches(tiny_safevlm):
+    _, processor = tiny_safevlm
+    def feature(image):
+        return {"messages": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "This."}],
+                "image": image, "image_turn": 0, "safe_type": 6, "safe_level": 0}
+    batch = SafeVLMDataCollator(processor)([feature(make_image(5)), feature(None), feature(None), feature(make_image(6))])
+    expected = processor.image_processor([make_image(5), make_image(6)], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixel_values"], expected)
+    per_row = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    assert per_row == [29, 0, 0, 29]
+    text_only = SafeVLMDataCollator(processor)([feature(None)])
+    assert "pixel_values" not in text_only
+
+
+def test_collator_rejects_a_row_over_max_length(tiny_safevlm):
+    _, processor = tiny_safevlm
+    feature = {"messages": [{"role": "user", "content": "Hi " * 30}, {"role": "assistant", "content": "Ok."}],
+               "image": None, "safe_type": 6, "safe_level": 0, "location": "mine.jsonl, line 9"}
+    with pytest.raises(SafetyDataError, match=r"mine\.jsonl, line 9: \d+ tokens .* exceed max_length=20"):
+        SafeVLMDataCollator(processor, max_length=20)([feature])
+
+
+# --------------------------------------------------------------------------------------------- conditioning
+def test_stage2_conditioning_follows_the_policy(tmp_path):
+    rows = [
+        _row(question="How do I hurt someone?", answer="Here is how.", safe_type=1, safe_level=3),
+        _row(question="Is this rumor true?", answer="It is unverified.", safe_type=5, safe_level=1),
+        _row(question="What color is it?", answer="Red.", safe_type=6, safe_level=0),
+        _row(question="Tell me a secret.", answer="Sure.", safe_type=0, safe_level=3),
+    ]
+    dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
+    dataset.examples[3] = replace(dataset.examples[3], safe_type=None)  # as VLGuard's unsafe instructions
+    policy = SafetyPolicy.default()
+    types = ["Politics", "Illegal Risk", "Insults & Bullying", "Fairness", "Privacy", "Misleading", "Safe"]
+    levels = ["safe to answer", "answer carefully", "answer or reject", "reject"]
+    conditioned = condition_on_policy(dataset, policy.to_dict(), types, levels)
+    answers = [e.messages[-1]["content"] for e in conditioned.examples]
+    assert answers[0] == policy.message("refuse", "Illegal Risk", 3, "reject")
+    assert "It involves illegal content" in answers[0] and "level 3" in answers[0]
+    assert answers[1] == policy.message("caution", "Misleading", 1, "answer carefully") + "It is unverified."
+    assert answers[2] == "Red."
+    assert answers[3] == policy.message("refuse", "Safe", 3, "reject")  # unknown type: generic per-level rule
+    assert [e.safe_type for e in conditioned.examples] == [1, 5, 6, None]  # labels kept
+    again = condition_on_policy(conditioned, policy, types, levels)  # conditioning twice changes nothing
+    assert [e.messages for e in again.examples] == [e.messages for e in conditioned.examples]
+    minor = condition_on_policy(dataset, policy, types, levels, profile="minor")
+    assert minor.examples[1].messages[-1]["content"].startswith("I'm sorry")  # minors: level 1 is refused
