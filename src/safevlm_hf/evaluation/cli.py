@@ -1,0 +1,205 @@
+"""``safevlm eval``: evaluate a checkpoint on benchmarks with a judge and write a reproducible report.
+
+Example::
+
+    safevlm eval --model ./my-safevlm --bench figstep:SafeBench-Tiny.csv --bench xstest:xstest_prompts.csv \\
+        --judge string --out eval/
+
+writes ``eval/report.json``, ``eval/report.md``, ``eval/records.jsonl`` and PNG plots. :func:`register` adds the
+subcommand to a parent parser; :func:`run` executes it (0 on success, 2 on bad input such as a malformed benchmark
+file, an unknown profile or an unreachable judge endpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .benchmarks import BenchmarkFormatError, load_benchmark
+from .judges import JudgeError, build_judge
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="Evaluate a model on safety benchmarks and write a report.",
+        description=(
+            "Evaluate a checkpoint on safety benchmarks with a judge and write a reproducible report "
+            "(report.json, report.md, records.jsonl and PNG plots)."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="Checkpoint folder or Hub id (SafeVLM or plain LLaVA).")
+    parser.add_argument(
+        "--bench",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="Benchmark spec, repeatable: figstep:PATH[:text], xstest:PATH, vlguard:PATH[:subset], "
+        "mmsafetybench:DIR[:SD|TYPO|SD_TYPO].",
+    )
+    parser.add_argument("--judge", default="string", help="string (default) | hf:MODEL | openai:MODEL.")
+    parser.add_argument("--out", required=True, help="Output folder for the report, records and plots.")
+    parser.add_argument("--profile", default=None, help="SafeVLM safety profile (default: the policy's default).")
+    parser.add_argument("--policy", default=None, help="JSON file with a safety policy replacing the checkpoint's.")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Answer length (default: 256).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default: 8).")
+    parser.add_argument("--limit", type=int, default=None, help="Keep the first N items of each benchmark.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed set before generating (default: 0).")
+    parser.add_argument("--image-root", default=None, help="Folder of benchmark images (VLGuard, MM-SafetyBench).")
+    parser.add_argument("--render-dir", default=None, help="Where typographic images go (default: OUT/rendered).")
+    parser.add_argument(
+        "--head-data", default=None, help="Labelled rows (PSA-VLM JSONL/JSON, as for training) for head metrics."
+    )
+    parser.add_argument("--head-image-root", default=None, help="Image folder of --head-data (default: its folder).")
+    parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (openai judges).")
+    parser.add_argument(
+        "--judge-api-key-env",
+        default="OPENAI_API_KEY",
+        help="Environment variable holding the judge API key (default: OPENAI_API_KEY).",
+    )
+    parser.add_argument("--judge-cache", default=None, help="Judge cache folder (default: OUT/judge_cache).")
+    parser.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per judge request (default: 60).")
+    parser.add_argument("--judge-retries", type=int, default=3, help="Retries per judge request (default: 3).")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:1, ...")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    parser.add_argument("--dtype", default="auto", choices=dtypes, help="Weights dtype (default: auto).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The equivalent ``safevlm eval`` command, for the report (rebuilt from the parsed options)."""
+    command = ["safevlm", "eval"]
+    for name, value in sorted(vars(args).items()):
+        if name in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif isinstance(value, list):
+            for entry in value:
+                command += [flag, str(entry)]
+        else:
+            command += [flag, str(value)]
+    return command
+
+
+def _judge_kwargs(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    kind = args.judge.partition(":")[0].lower()
+    if kind == "openai":
+        return {
+            "base_url": args.judge_base_url,
+            "api_key_env": args.judge_api_key_env,
+            "cache_dir": args.judge_cache or out / "judge_cache",
+            "timeout": args.judge_timeout,
+            "max_retries": args.judge_retries,
+            "show_progress": not args.no_progress,
+        }
+    if kind == "hf":
+        return {"device": None if args.device == "auto" else args.device}
+    return {}
+
+
+def _error(message: str) -> int:
+    print(f"safevlm eval: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``safevlm eval`` for parsed ``args``; returns the process exit code."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..modeling.policy_safevlm import SafetyPolicyError
+    from .report import benchmark_info, build_report, write_report
+    from .runner import EvaluationInputError, evaluate, evaluate_head
+
+    out = Path(args.out)
+    render_dir = Path(args.render_dir) if args.render_dir else out / "rendered"
+    # Read every input before loading the model, so a bad file fails in seconds, not after minutes of loading.
+    try:
+        benchmarks = []
+        for spec in args.bench:
+            items = load_benchmark(spec, image_root=args.image_root, render_dir=render_dir, limit=args.limit)
+            benchmarks.append((spec, items))
+        labelled = None
+        if args.head_data:
+            from ..data import load_safety_json  # the training-data reader: one format, one validator
+
+            labelled = load_safety_json(args.head_data, image_root=args.head_image_root).examples
+        policy = Path(args.policy).read_text(encoding="utf-8") if args.policy else None
+        judge = build_judge(args.judge, **_judge_kwargs(args, out))
+    except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
+        return _error(str(err))
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    except OSError as err:
+        return _error(f"cannot load model {args.model!r}: {err}")
+    model = model.to(device).eval()
+
+    all_items = [item for _, items in benchmarks for item in items]
+    try:
+        result = evaluate(
+            model,
+            processor,
+            all_items,
+            judge,
+            profile=args.profile,
+            policy=policy,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        head = None
+        if labelled is not None:
+            head = evaluate_head(model, processor, labelled, batch_size=args.batch_size, progress=not args.no_progress)
+    except (JudgeError, SafetyPolicyError, EvaluationInputError) as err:
+        return _error(str(err))
+
+    report = build_report(
+        result,
+        model=model,
+        benchmarks=[benchmark_info(spec, items, args.limit) for spec, items in benchmarks],
+        head_metrics=head,
+        command=_command_line(args),
+    )
+    written = write_report(report, out, records=result.records, plots=not args.no_plots)
+    overall = result.metrics["overall"]
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    print(
+        f"{overall['n_items']} items: ASR {pct(overall['attack_success_rate'])}, refusal on risky "
+        f"{pct(overall['refusal_rate_risky'])}, over-refusal {pct(overall['over_refusal_rate'])}, "
+        f"unparseable {overall['unparseable']}."
+    )
+    print(f"Report: {written['markdown']} ({shlex.quote(str(written['json']))})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m safevlm_hf.evaluation.cli eval ...``)."""
+    parser = argparse.ArgumentParser(prog="safevlm")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+__all__ = ["main", "register", "run"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
