@@ -239,8 +239,12 @@ class SafeVLMSafetyHead(nn.Module):
         d = config.safety_head_hidden_size
         text_hidden = config.text_config.hidden_size
         self.query = nn.Parameter(torch.empty(d))
+        # LLM token embeddings are small (std ~0.02) and projected vision features are not: normalize both streams so
+        # neither the positional signal nor the other stream drowns them.
         self.text_proj = nn.Linear(text_hidden, d)
+        self.text_norm = nn.LayerNorm(d)
         self.feature_proj = nn.Linear(text_hidden, d)
+        self.feature_norm = nn.LayerNorm(d)
         self.layers = nn.ModuleList([SafeVLMSafetyHeadLayer(config) for _ in range(config.safety_head_num_layers)])
         self.norm = nn.LayerNorm(d)
         self.type_classifier = nn.Linear(d, len(config.safety_types))
@@ -254,12 +258,12 @@ class SafeVLMSafetyHead(nn.Module):
         feature_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         text, text_mask = _pack_left(text_embeds, text_mask)
-        text = self.text_proj(text)
+        text = self.text_norm(self.text_proj(text))
         batch, length, d = text.shape
         query = self.query.to(text.dtype).expand(batch, 1, d)
         x = torch.cat([query, text], dim=1) + _sinusoidal_positions(length + 1, d, text.device, text.dtype)
         mask = torch.cat([text_mask.new_ones(batch, 1), text_mask], dim=1)
-        features = self.feature_proj(features)
+        features = self.feature_norm(self.feature_proj(features))
         for layer in self.layers:
             x = layer(x, mask, features, feature_mask)
         pooled = self.norm(x[:, 0])
