@@ -1,0 +1,297 @@
+# Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
+"""`safevlm icet` (per-layer vulnerability scan) and `safevlm lppo` (Layer-wise PPO training).
+
+Examples::
+
+    safevlm icet --model ./llava --bench figstep:SafeBench.csv --layers all --judge string --out icet/
+    safevlm icet --model ./my-safevlm --bench vlguard:test.json --layers 1-12 --out icet/ --compare-gating
+    safevlm lppo --model ./llava --prompts prompts.jsonl --layer 8 --reward refusal --out lppo/
+
+:func:`register` adds both sub-commands to a parent parser; :func:`run_icet` and :func:`run_lppo` execute them and
+return the exit code (0 on success, 2 on bad input: an unreadable prompt file, a layer outside the encoder, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def register(subparsers: Any) -> None:
+    """Add the `icet` and `lppo` sub-commands to `subparsers` (from `ArgumentParser.add_subparsers()`)."""
+    _register_icet(subparsers)
+    _register_lppo(subparsers)
+
+
+def _add_prompt_source(parser: argparse.ArgumentParser, required_help: str) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--bench",
+        action="append",
+        metavar="SPEC",
+        help="Benchmark spec, repeatable: figstep:PATH[:text], xstest:PATH, vlguard:PATH[:subset], "
+        "mmsafetybench:DIR[:SD|TYPO|SD_TYPO].",
+    )
+    source.add_argument("--prompts", metavar="FILE", help=required_help)
+    parser.add_argument("--limit", type=int, default=None, help="Keep the first N items of each benchmark.")
+    parser.add_argument("--image-root", default=None, help="Folder of benchmark images (VLGuard, MM-SafetyBench).")
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:1, ...")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    parser.add_argument("--dtype", default="auto", choices=dtypes, help="Weights dtype (default: auto).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def _register_icet(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "icet",
+        help="Scan which vision-encoder layers make the model unsafe (ICET early exit).",
+        description=(
+            "For each chosen vision layer l, generate with the LLM reading layer-l image features (same projector), "
+            "judge the answers and report attack success / refusal per layer and per third of the encoder "
+            "(icet_report.json, icet_report.md, icet_layers.png)."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="Checkpoint folder or Hub id (LLaVA/SafeVLM).")
+    _add_prompt_source(parser, "JSONL prompt file (prompt, image, category, expected per line) instead of --bench.")
+    parser.add_argument("--layers", default="all", help="all (default) | a-b | comma list, e.g. 1-12 or 4,8,-2.")
+    parser.add_argument("--judge", default="string", help="string (default) | hf:MODEL | openai:MODEL.")
+    parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (openai judges).")
+    parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="Variable holding the judge API key.")
+    parser.add_argument("--reward-model", metavar="hf:MODEL", help="Also report this reward model's mean score.")
+    parser.add_argument("--out", required=True, help="Output folder.")
+    parser.add_argument("--no-gating", action="store_true", help="SafeVLM: generate without gating (the LLM alone).")
+    parser.add_argument(
+        "--compare-gating", action="store_true", help="SafeVLM: scan with gating on and off and write both reports."
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="Answer length (default: 64).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default: 8).")
+    _add_runtime(parser)
+    parser.set_defaults(func=run_icet)
+
+
+def _register_lppo(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "lppo",
+        help="Layer-wise PPO: align the model at an early vision layer.",
+        description=(
+            "Clip-PPO RLHF whose rollouts read image features from the target vision layer(s); LoRA on the LLM "
+            "(vision encoder and projectors frozen). Writes checkpoints, lppo_log.jsonl and OUT/final (merged model)."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="Checkpoint folder or Hub id (LLaVA/SafeVLM).")
+    _add_prompt_source(parser, "JSONL training prompts (prompt, image, category, expected per line).")
+    layers = parser.add_mutually_exclusive_group(required=True)
+    layers.add_argument("--layer", type=int, help="The target vision layer (one layer per run, as published).")
+    layers.add_argument(
+        "--layers",
+        help="Several target layers (a-b or a comma list), one drawn per batch; e.g. '4,-2' adds the default layer, "
+        "which keeps its behaviour in the reward.",
+    )
+    parser.add_argument("--layer-sampling", default="random", choices=["random", "cycle"], help="With --layers.")
+    parser.add_argument(
+        "--reward",
+        required=True,
+        help="safety-head (SafeVLM's own head) | refusal (prompts labelled expected=refuse/answer) | hf:MODEL "
+        "(sequence-classification reward model).",
+    )
+    parser.add_argument("--judge", default="string", help="Refusal detector of the safety-head/refusal rewards.")
+    parser.add_argument("--out", required=True, help="Output folder (checkpoints, log, final model).")
+    parser.add_argument("--steps", type=int, default=100, help="PPO steps (default: 100).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per rollout batch (default: 8).")
+    parser.add_argument("--mini-batch-size", type=int, default=4, help="Rows per gradient step (default: 4).")
+    parser.add_argument("--ppo-epochs", type=int, default=4, help="Passes over each rollout batch (default: 4).")
+    parser.add_argument("--learning-rate", type=float, default=1e-5, help="Default: 1e-5.")
+    parser.add_argument("--kl-coef", type=float, default=0.05, help="Per-token KL penalty (default: 0.05).")
+    parser.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="Default: k1.")
+    parser.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (default: 0.2).")
+    parser.add_argument("--vf-coef", type=float, default=0.1, help="Value-loss weight (default: 0.1).")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="Rollout length (default: 32).")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Rollout sampling temperature (default: 1.0).")
+    parser.add_argument("--full-finetune", action="store_true", help="Train the whole LLM instead of LoRA adapters.")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16).")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: 32).")
+    parser.add_argument("--save-steps", type=int, default=0, help="Checkpoint every N steps (default: at the end).")
+    parser.add_argument("--resume", action="store_true", help="Resume from the newest checkpoint in --out.")
+    parser.add_argument("--no-merge", action="store_true", help="Save only the LoRA adapters, not a merged model.")
+    _add_runtime(parser)
+    parser.set_defaults(func=run_lppo)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _error(command: str, message: str) -> int:
+    print(f"safevlm {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load_items(args: argparse.Namespace, out: Path) -> list[Any]:
+    if args.prompts:
+        from .prompts import load_prompt_file
+
+        return load_prompt_file(args.prompts)
+    from ..evaluation.benchmarks import load_benchmark
+
+    items = []
+    for spec in args.bench:
+        items += load_benchmark(spec, image_root=args.image_root, render_dir=out / "rendered", limit=args.limit)
+    return items
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import safevlm_hf  # noqa: F401  (registers SafeVLM with the Auto classes)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if hasattr(model, "set_safety_tokenizer"):
+        model.set_safety_tokenizer(processor.tokenizer)
+    return model.to(device).eval(), processor
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+# --------------------------------------------------------------------------------------------------------- icet
+def run_icet(args: argparse.Namespace) -> int:
+    """Execute `safevlm icet`; returns the exit code."""
+    from ..evaluation.benchmarks import BenchmarkFormatError
+    from ..evaluation.judges import JudgeError, build_judge
+    from .icet import comparison_table, icet_scan, is_safevlm, resolve_layers, vision_encoder_depth
+
+    out = Path(args.out)
+    if args.no_gating and args.compare_gating:
+        return _error("icet", "--no-gating and --compare-gating exclude each other.")
+    try:  # read every input before loading the model: a bad file fails in seconds
+        items = _load_items(args, out)
+        judge_kwargs = {}
+        if args.judge.lower().startswith("openai:"):
+            judge_kwargs = {
+                "base_url": args.judge_base_url,
+                "api_key_env": args.judge_api_key_env,
+                "cache_dir": out / "judge_cache",
+            }
+        judge = build_judge(args.judge, **judge_kwargs)
+    except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
+        return _error("icet", str(err))
+    try:
+        model, processor = _load_model(args)
+    except (OSError, ValueError) as err:
+        return _error("icet", f"cannot load model {args.model!r}: {err}")
+    safevlm = is_safevlm(model)
+    if (args.no_gating or args.compare_gating) and not safevlm:
+        return _error("icet", f"{args.model} is a plain LLaVA-style model: it has no safety gating to turn off.")
+    runs = [("icet", None if not safevlm else not args.no_gating)]
+    if args.compare_gating:
+        runs = [("icet_gated", True), ("icet_ungated", False)]
+    reports = {}
+    try:
+        resolve_layers(args.layers, vision_encoder_depth(model))  # a bad layer fails before any generation
+        for prefix, gating in runs:
+            report = icet_scan(
+                model,
+                processor,
+                items,
+                judge,
+                args.layers,
+                reward_model=args.reward_model,
+                gating=gating,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                show_progress=not args.no_progress,
+            )
+            paths = report.save(out, prefix=prefix)
+            reports[prefix] = report
+            groups = report.group_averages()
+            summary = ", ".join(f"{g} ASR {_pct(v['attack_success_rate'])}" for g, v in groups.items())
+            gate = "" if gating is None else f" (gating {'on' if gating else 'off'})"
+            print(f"ICET scan{gate}: {len(report.layers)} layers x {len(items)} prompts; {summary}.")
+            print(f"Report: {paths['markdown']}")
+    except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
+        return _error("icet", str(err))
+    if args.compare_gating:
+        table = comparison_table(reports["icet_gated"], reports["icet_ungated"], ("gated", "ungated"))
+        (out / "icet_gating_comparison.md").write_text(f"# ICET scan: gating on vs off\n\n{table}\n", encoding="utf-8")
+        print(f"Comparison: {out / 'icet_gating_comparison.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- lppo
+def run_lppo(args: argparse.Namespace) -> int:
+    """Execute `safevlm lppo`; returns the exit code."""
+    from ..evaluation.benchmarks import BenchmarkFormatError
+    from ..evaluation.judges import JudgeError, build_judge
+    from .lppo_config import LPPOConfig
+    from .lppo_trainer import LPPOTrainer
+    from .rewards import build_reward
+
+    out = Path(args.out)
+    try:
+        items = _load_items(args, out)
+        judge = build_judge(args.judge)
+        config = LPPOConfig(
+            output_dir=str(out),
+            layers=args.layer if args.layer is not None else args.layers,
+            layer_sampling=args.layer_sampling,
+            max_steps=args.steps,
+            rollout_batch_size=args.batch_size,
+            mini_batch_size=min(args.mini_batch_size, args.batch_size),
+            ppo_epochs=args.ppo_epochs,
+            learning_rate=args.learning_rate,
+            kl_coef=args.kl_coef,
+            kl_estimator=args.kl_estimator,
+            clip_eps=args.clip_eps,
+            vf_coef=args.vf_coef,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            use_lora=not args.full_finetune,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            save_steps=args.save_steps,
+            seed=args.seed,
+            show_progress=not args.no_progress,
+        )
+    except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
+        return _error("lppo", str(err))
+    try:
+        model, processor = _load_model(args)
+    except (OSError, ValueError) as err:
+        return _error("lppo", f"cannot load model {args.model!r}: {err}")
+    try:
+        reward = build_reward(args.reward, model=model, processor=processor, judge=judge)
+        trainer = LPPOTrainer(model, processor, config, items, reward)
+        history = trainer.train(resume_from_checkpoint=True if args.resume else None)
+        final = trainer.save_model(out / "final", merge=not args.no_merge)
+    except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
+        return _error("lppo", str(err))
+    if history:
+        first, last = history[0], history[-1]
+        print(
+            f"L-PPO on layer(s) {trainer.layers}: {last['step']} steps; reward {first['reward']:.3f} -> "
+            f"{last['reward']:.3f}, KL {last['kl']:.3f}. Log: {out / 'lppo_log.jsonl'}"
+        )
+    print(f"Model: {final}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (`python -m safevlm_hf.layerwise.cli icet|lppo ...`)."""
+    parser = argparse.ArgumentParser(prog="safevlm")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
