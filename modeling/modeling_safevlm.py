@@ -62,14 +62,17 @@ register_checkpoint_conversion_mapping("safevlm", get_checkpoint_conversion_mapp
 @dataclass
 class SafeVLMImageFeaturesOutput(BaseModelOutputWithPooling):
     r"""
-    pooler_output (`list[torch.Tensor]`):
+    pooler_output (`list[torch.Tensor]`, *optional*):
         Per image, the LLM-side features: projected image tokens followed by safety tokens set 1,
-        `(num_image_tokens + num_safety_tokens, text_hidden)`.
+        `(num_image_tokens + num_safety_tokens, text_hidden)`. `None` on the classify-only path.
     safety_features (`list[torch.Tensor]`, *optional*):
         Per image, the safety projector's output over `config.safety_feature_layer`, `(num_patches, text_hidden)`.
+    num_placeholder_tokens (`list[int]`):
+        Per image, how many placeholder tokens it fills in the prompt (image tokens + safety tokens set 1).
     """
 
     safety_features: list[torch.Tensor] | None = None
+    num_placeholder_tokens: list[int] | None = None
 
 
 @dataclass
@@ -321,12 +324,14 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         return_safety_features: bool = True,
+        return_llm_features: bool = True,
         **kwargs,
     ) -> SafeVLMImageFeaturesOutput:
         """Run the vision tower once and return both paths' features.
 
         `vision_feature_layer` (per call, e.g. an ICET early exit) selects the LLM path's layer only; the safety
-        projector always reads `config.safety_feature_layer`.
+        projector always reads `config.safety_feature_layer`. `return_llm_features=False` (the classify-only path)
+        skips LLaVA's projector, which a verdict never reads.
         """
         config = self.config
         llm_layer = vision_feature_layer if vision_feature_layer is not None else config.vision_feature_layer
@@ -349,9 +354,13 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         vision_outputs = self.vision_tower(pixel_values, output_hidden_states=capture, return_dict=True, **kwargs)
         hidden_states = vision_outputs.hidden_states
 
-        image_features = self.multi_modal_projector(_select_vision_features(hidden_states, llm_layer, llm_strategy))
-        llm_tokens = self.safety_tokens.llm_tokens.to(image_features.dtype)
-        llm_features = [torch.cat([features, llm_tokens], dim=0) for features in image_features]
+        selected_llm = _select_vision_features(hidden_states, llm_layer, llm_strategy)
+        num_placeholders = [selected_llm.shape[1] + config.num_safety_tokens] * selected_llm.shape[0]
+        llm_features = None
+        if return_llm_features:
+            image_features = self.multi_modal_projector(selected_llm)
+            llm_tokens = self.safety_tokens.llm_tokens.to(image_features.dtype)
+            llm_features = [torch.cat([features, llm_tokens], dim=0) for features in image_features]
 
         safety_features = None
         if return_safety_features:
@@ -365,6 +374,7 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
             hidden_states=None,
             attentions=vision_outputs.attentions,
             safety_features=safety_features,
+            num_placeholder_tokens=num_placeholders,
         )
 
     def _image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -375,13 +385,20 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         )
         return (inputs_embeds == image_embed).all(-1)
 
-    def _check_placeholders(self, placeholder_mask: torch.Tensor, image_outputs: SafeVLMImageFeaturesOutput) -> None:
-        expected = sum(len(features) for features in image_outputs.pooler_output)
+    @staticmethod
+    def _placeholder_counts(image_outputs: BaseModelOutputWithPooling) -> list[int]:
+        # `generate` hands the LLM path a plain output (pooler_output only), possibly expanded for beams.
+        counts = getattr(image_outputs, "num_placeholder_tokens", None)
+        return counts if counts is not None else [len(features) for features in image_outputs.pooler_output]
+
+    def _check_placeholders(self, placeholder_mask: torch.Tensor, image_outputs: BaseModelOutputWithPooling) -> None:
+        counts = self._placeholder_counts(image_outputs)
+        expected = sum(counts)
         found = int(placeholder_mask.sum().item())
         if found != expected:
-            per_image = len(image_outputs.pooler_output[0]) if image_outputs.pooler_output else 0
+            per_image = counts[0] if counts else 0
             raise ValueError(
-                f"The prompt has {found} image placeholder tokens but the {len(image_outputs.pooler_output)} image(s) "
+                f"The prompt has {found} image placeholder tokens but the {len(counts)} image(s) "
                 f"need {expected} ({per_image} per image = image tokens + num_safety_tokens="
                 f"{self.config.num_safety_tokens}). Prepare inputs with SafeVLMProcessor (its num_safety_tokens must "
                 "equal config.num_safety_tokens) and keep one '<image>' per image in the text."
@@ -402,14 +419,12 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         device = head_tokens.device
         rows: list[list[torch.Tensor]] = [[head_tokens] for _ in range(batch_size)]
         if image_outputs is not None and image_outputs.safety_features is not None:
+            self._check_placeholders(placeholder_mask, image_outputs)
             # Assign images to rows in order, using each image's placeholder count.
-            counts = placeholder_mask.sum(dim=1).tolist()
             image_index = 0
-            for row, count in enumerate(counts):
+            for row, count in enumerate(placeholder_mask.sum(dim=1).tolist()):
                 while count > 0:
-                    if image_index >= len(image_outputs.pooler_output):
-                        raise ValueError("More image placeholder groups than encoded images; check the prompt.")
-                    count -= len(image_outputs.pooler_output[image_index])
+                    count -= image_outputs.num_placeholder_tokens[image_index]
                     rows[row].append(image_outputs.safety_features[image_index].to(device, dtype))
                     image_index += 1
         lengths = [sum(part.shape[0] for part in parts) for parts in rows]
@@ -766,7 +781,9 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         """
         image_outputs = None
         if pixel_values is not None:
-            image_outputs = self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+            image_outputs = self.model.get_image_features(
+                pixel_values=pixel_values, image_sizes=image_sizes, return_llm_features=False
+            )
         return self._predict_from_image_outputs(input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask)
 
     def _predict_from_image_outputs(self, input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask=None):

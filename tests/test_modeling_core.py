@@ -227,3 +227,24 @@ def test_multi_layer_safety_features_and_full_strategy(tiny_llava_pair, images):
     processor = SafeVLMProcessor.from_llava_processor(llava_processor, num_safety_tokens=2)
     out = model(**processor(images=images[:1], text=[chat_prompt(processor, "hi")], return_tensors="pt"))
     assert torch.isfinite(out.safety_type_logits).all()
+
+
+def test_classify_only_path_runs_no_llm_and_no_llava_projector(tiny_safevlm, images):
+    model, processor = tiny_safevlm
+    calls = {"llm": 0, "projector": 0, "vision": 0}
+    hooks = [
+        model.model.language_model.register_forward_hook(lambda *a: calls.__setitem__("llm", calls["llm"] + 1)),
+        model.model.multi_modal_projector.register_forward_hook(
+            lambda *a: calls.__setitem__("projector", calls["projector"] + 1)),
+        model.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1)),
+    ]
+    try:
+        inputs = _inputs(processor, [chat_prompt(processor, "hi")] * 2, images[:2])
+        prediction = model.predict_safety(**inputs)
+        verdicts = model.assess(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"llm": 0, "projector": 0, "vision": 2}
+    torch.testing.assert_close(prediction.type_logits, model(**inputs).safety_type_logits)
+    assert len(verdicts) == 2
