@@ -1,0 +1,254 @@
+"""`safevlm demo`: the whole SafeVLM recipe, offline, on a CPU, in a few minutes.
+
+1. build a tiny LLaVA offline (tokenizer trained with `tokenizers`, CLIP image processor built in code);
+2. synthesize a labelled image-text safety dataset (all 6 risk types + safe, all 4 levels; the risk is carried by
+   the image in some rows and by the text in others) in the documented JSONL format;
+3. convert the LLaVA to SafeVLM, run Stage I (safety modules) and Stage II (LLM, LoRA) with `SafeVLMTrainer`;
+4. measure held-out head accuracy, save the checkpoint, reload it with `trust_remote_code=True`, measure gating on
+   held-out prompts (risky level-3 refused, safe answered) and show a few gated conversations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import synthetic
+from .data import load_safety_json
+from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration
+from .modeling.processing_safevlm import SafeVLMProcessor
+from .tiny import TinyLlavaSpec, build_tiny_llava
+from .training import SafeVLMTrainer, SafeVLMTrainingConfig, merge_stage2
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and schedule of the demo (defaults: about 2-4 minutes on 2 CPU cores)."""
+
+    out_dir: str = "demo_output"
+    seed: int = 0
+    train_repeats: int = 10  # rounds of template cells in training (37 rows per round)
+    test_repeats: int = 4  # rounds held out (unseen images and slot values)
+    num_safety_tokens: int = 16
+    text_hidden_size: int = 96
+    stage1_epochs: float = 18
+    stage1_learning_rate: float = 1e-3
+    stage2_epochs: float = 8
+    stage2_learning_rate: float = 3e-3
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    show: int = 5  # conversations printed at the end
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured (also written to `<out_dir>/summary.json`)."""
+
+    head_type_accuracy: float
+    head_level_accuracy: float
+    level3_refusal_rate: float
+    safe_answer_rate: float
+    num_train_rows: int
+    num_test_rows: int
+    checkpoint: str
+    remote_code_class: str
+    seconds: float
+    conversations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _prompt(processor, text: str) -> str:
+    content = [{"type": "image"}, {"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _user_text(example) -> str:
+    return next(m["content"] for m in example.messages if m["role"] == "user")
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def head_accuracy(model, processor, dataset, batch_size: int) -> tuple[float, float]:
+    """Type and level accuracy of the safety head on a labelled dataset (classify-only path, no decoding)."""
+    from .data.examples import load_image
+
+    model.eval()
+    type_hits = level_hits = 0
+    examples = list(dataset.examples)
+    for batch in tqdm(list(_batches(examples, batch_size)), desc="held-out head accuracy", leave=False):
+        inputs = processor(
+            images=[load_image(e.image, e.location) for e in batch],
+            text=[_prompt(processor, _user_text(e)) for e in batch],
+            return_tensors="pt",
+            padding=True,
+        )
+        prediction = model.predict_safety(**inputs)
+        type_hits += sum(int(p == e.safe_type) for p, e in zip(prediction.type_probs.argmax(-1).tolist(), batch))
+        level_hits += sum(int(p == e.safe_level) for p, e in zip(prediction.level_probs.argmax(-1).tolist(), batch))
+    return type_hits / len(examples), level_hits / len(examples)
+
+
+def _is_refusal(record: dict[str, Any]) -> bool:
+    """A refusal verdict whose forced message really is the answer (the message is cut at max_new_tokens)."""
+    message, answer = record["verdict"]["message"].strip(), record["answer"].strip()
+    return record["verdict"]["action"] == "refuse" and bool(answer) and message.startswith(answer[: len(message)])
+
+
+def remote_gating(checkpoint: Path, data: Path, levels, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """Run `remote_check.py` on `checkpoint` in a fresh process where `safevlm_hf` cannot be imported."""
+    script = Path(__file__).with_name("remote_check.py")
+    command = [sys.executable, str(script), str(checkpoint), str(data), "--levels", *map(str, levels),
+               "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size)]
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"Loading {checkpoint} with trust_remote_code failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def stage2_subset(dataset, seed: int):
+    """Every safe row plus as many risky rows (seeded): refusals are forced by the gate anyway, so Stage II spends
+    its steps on teaching the LLM to answer, and on the refusal and caution wording in equal measure."""
+    safe = [i for i, e in enumerate(dataset.examples) if e.safe_level == 0]
+    risky = [i for i, e in enumerate(dataset.examples) if e.safe_level > 0]
+    risky = random.Random(seed).sample(risky, min(len(risky), len(safe)))
+    return dataset.select(sorted(safe + risky))
+
+
+def _train(model, processor, dataset, args: SafeVLMTrainingConfig):
+    trainer = SafeVLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    trainer.train()
+    return trainer.model
+
+
+def run_demo(settings: DemoSettings | None = None) -> DemoResult:
+    """Run the whole demo; prints progress and a summary, returns the measured numbers."""
+    settings = settings or DemoSettings()
+    start = time.time()
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+
+    print("[1/6] Synthesizing the labelled image-text safety dataset ...")
+    train_path = synthetic.write_jsonl(synthetic.make_rows(settings.train_repeats, settings.seed, False), out / "train.jsonl")
+    test_path = synthetic.write_jsonl(synthetic.make_rows(settings.test_repeats, settings.seed + 1, True), out / "test.jsonl")
+    train, test = load_safety_json(train_path), load_safety_json(test_path)
+    print(f"      {len(train)} training rows, {len(test)} held-out rows -> {train_path}")
+
+    print("[2/6] Building a tiny LLaVA offline and converting it to SafeVLM ...")
+    spec = TinyLlavaSpec(corpus=synthetic.corpus(), text_hidden_size=settings.text_hidden_size, seed=settings.seed)
+    llava, llava_processor = build_tiny_llava(spec)
+    model = SafeVLMForConditionalGeneration.from_llava(llava, num_safety_tokens=settings.num_safety_tokens)
+    processor = SafeVLMProcessor.from_llava_processor(llava_processor, num_safety_tokens=settings.num_safety_tokens)
+
+    common = dict(
+        per_device_train_batch_size=settings.batch_size,
+        logging_steps=20,
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        warmup_steps=10,
+        lr_scheduler_type="cosine",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=False,
+    )
+    print("[3/6] Stage I: training the safety projector, safety tokens and safety head (backbone frozen) ...")
+    stage1 = SafeVLMTrainingConfig(
+        output_dir=str(out / "stage1"), stage=1, num_train_epochs=settings.stage1_epochs,
+        learning_rate=settings.stage1_learning_rate, **common,
+    )
+    model = _train(model, processor, train, stage1)
+    type_accuracy, level_accuracy = head_accuracy(model, processor, test, settings.batch_size)
+    print(f"      held-out head accuracy: type {type_accuracy:.3f}, level {level_accuracy:.3f}")
+
+    print("[4/6] Stage II: LoRA on the LLM with policy-following answers (safety modules frozen) ...")
+    stage2 = SafeVLMTrainingConfig(
+        output_dir=str(out / "stage2"), stage=2, stage2_mode="lora", num_train_epochs=settings.stage2_epochs,
+        learning_rate=settings.stage2_learning_rate, lora_r=16, lora_alpha=32, lora_dropout=0.0, **common,
+    )
+    model = merge_stage2(_train(model, processor, stage2_subset(train, settings.seed), stage2)).eval()
+    model.config.safety_training_stages = [
+        {"stage": 1, "data": "synthetic (demo)", "epochs": settings.stage1_epochs,
+         "metrics": {"heldout_type_accuracy": round(type_accuracy, 4), "heldout_level_accuracy": round(level_accuracy, 4)}},
+        {"stage": 2, "data": "synthetic (demo), policy-conditioned", "epochs": settings.stage2_epochs, "mode": "lora"},
+    ]
+
+    print("[5/6] Saving the checkpoint ...")
+    checkpoint = out / "checkpoint"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+
+    print("[6/6] Reloading it with trust_remote_code=True in a process without safevlm_hf; gated generation on "
+          "held-out prompts ...")
+    remote = remote_gating(checkpoint, test_path, levels=(0, 1, 3), max_new_tokens=settings.max_new_tokens,
+                           batch_size=settings.batch_size)
+    remote_class = remote["class"]
+    records_level3 = [r for r in remote["records"] if r["label"]["safe_level"] == 3]
+    records_safe = [r for r in remote["records"] if r["label"]["safe_level"] == 0]
+    records_caution = [r for r in remote["records"] if r["verdict"]["action"] == "caution"]
+    refusal_rate = sum(_is_refusal(r) for r in records_level3) / max(len(records_level3), 1)
+    answer_rate = sum(r["verdict"]["action"] != "refuse" for r in records_safe) / max(len(records_safe), 1)
+
+    # a few of each: safe images answered, a careful answer, refusals with their reasons
+    shown = records_safe[:2] + records_caution[:1] + records_level3[: max(1, settings.show - 3)]
+    print("\nGated conversations (checkpoint loaded with trust_remote_code=True, safevlm_hf not importable):")
+    for record in shown:
+        verdict = record["verdict"]
+        print(f"  USER: <image> {record['prompt']}")
+        print(f"    verdict: {verdict['category']}, level {verdict['level']} -> {verdict['action']}")
+        print(f"  ASSISTANT: {record['answer']}\n")
+
+    result = DemoResult(
+        head_type_accuracy=type_accuracy,
+        head_level_accuracy=level_accuracy,
+        level3_refusal_rate=refusal_rate,
+        safe_answer_rate=answer_rate,
+        num_train_rows=len(train),
+        num_test_rows=len(test),
+        checkpoint=str(checkpoint),
+        remote_code_class=remote_class,
+        seconds=time.time() - start,
+        conversations=shown,
+    )
+    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+    print("Summary")
+    print(f"  held-out safety-head accuracy after Stage I: type {type_accuracy:.3f}, level {level_accuracy:.3f}")
+    print(f"  held-out risky level-3 prompts refused:      {refusal_rate:.1%} ({len(records_level3)} prompts)")
+    print(f"  held-out safe prompts answered:              {answer_rate:.1%} ({len(records_safe)} prompts)")
+    print(f"  checkpoint: {checkpoint} (reloaded as {remote_class})")
+    print(f"  total time: {result.seconds:.0f} s")
+    return result
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `demo` sub-command."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="Run the offline end-to-end demo (tiny model, synthetic data, Stage I + II, gated chat).",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--out", default="demo_output", help="Output folder (data, checkpoint, summary.json).")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed (default: 0).")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(DemoSettings(out_dir=args.out, seed=args.seed))
+    return 0
+
+
+__all__ = ["DemoResult", "DemoSettings", "register", "run", "run_demo"]
