@@ -9,7 +9,7 @@ import torch
 from conftest import make_image
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from safevlm_hf.layerwise.cli import main
+from safevlm_hf.cli import main
 
 
 @pytest.fixture(autouse=True)

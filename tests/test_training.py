@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from safevlm_hf import SafeVLMForConditionalGeneration
 from safevlm_hf.data import SafeVLMDataCollator, load_safety_dataset
 from safevlm_hf.training import SafeVLMTrainer, SafeVLMTrainingConfig, is_safety_parameter, merge_stage2
-from safevlm_hf.training.cli import main as cli_main
+from safevlm_hf.cli import main as cli_main
 
 from conftest import make_image
 

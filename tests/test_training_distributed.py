@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safevlm_hf.training.cli import main as cli_main
+from safevlm_hf.cli import main as cli_main
 
 from test_training import QUESTIONS, write_training_data
 
@@ -42,7 +42,7 @@ def test_two_process_stage1_matches_one_process(saved_safevlm, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "safevlm_hf.training.cli"]
+              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "safevlm_hf.cli"]
     run = subprocess.run([*launch, *common, "--out", str(tmp_path / "two"), "--batch-size", "2"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The `safevlm` console script.
+"""The `safevlm` console script (also `python -m safevlm_hf.cli ...`, e.g. under `torchrun`).
 
 Each feature module owns its sub-command (`register(subparsers)` adds it and sets `func`); this file only assembles
 them, so `safevlm --help` lists everything and `safevlm <command> --help` documents each one.
@@ -7,6 +7,7 @@ them, so `safevlm --help` lists everything and `safevlm <command> --help` docume
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse `argv` (default: `sys.argv[1:]`) and run the chosen sub-command; returns its exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # training forks dataloader workers after tokenizing
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -16,7 +16,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .benchmarks import BenchmarkFormatError, load_benchmark
 from .judges import JudgeError, build_judge
@@ -189,17 +189,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python -m safevlm_hf.evaluation.cli eval ...``)."""
-    parser = argparse.ArgumentParser(prog="safevlm")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-__all__ = ["main", "register", "run"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["register", "run"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def register(subparsers: Any) -> None:
@@ -282,16 +282,3 @@ def run_lppo(args: argparse.Namespace) -> int:
         )
     print(f"Model: {final}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (`python -m safevlm_hf.layerwise.cli icet|lppo ...`)."""
-    parser = argparse.ArgumentParser(prog="safevlm")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,9 +2,9 @@
 """``safevlm convert`` and ``safevlm train``: the command-line side of conversion and two-stage training.
 
 :func:`register` adds both subcommands to the ``safevlm`` console script's subparsers (each sets ``func`` to its
-runner, which returns an exit code). ``python -m safevlm_hf.training.cli convert|train ...`` runs them without the
-console script, e.g. under ``torchrun --nproc_per_node 2 -m safevlm_hf.training.cli train ...`` or
-``accelerate launch --multi_gpu --num_processes 2 -m safevlm_hf.training.cli train ...`` (on a machine without GPUs
+runner, which returns an exit code). Launchers run the console script as a module, e.g.
+``torchrun --nproc_per_node 2 -m safevlm_hf.cli train ...`` or
+``accelerate launch --multi_gpu --num_processes 2 -m safevlm_hf.cli train ...`` (on a machine without GPUs
 both start CPU processes that talk over gloo; note that ``accelerate launch --cpu`` starts multi-process CPU runs only
 through MPI, and without ``--multi_gpu`` a GPU-less machine gets a single process).
 
@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from transformers.utils import logging
 
@@ -298,17 +296,3 @@ def register(subparsers) -> None:
     """Add the ``convert`` and ``train`` subcommands to an `argparse` subparsers object (each sets ``func``)."""
     _add_convert_parser(subparsers)
     _add_train_parser(subparsers)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m safevlm_hf.training.cli`` (the ``safevlm`` console script wires the same parsers)."""
-    parser = argparse.ArgumentParser(prog="python -m safevlm_hf.training.cli")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
