@@ -1,6 +1,5 @@
 """SafeVLM model core: shapes, losses, freezing, conversion, padding invariance, error messages."""
 
-import copy
 import tempfile
 
 import pytest
@@ -9,9 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration, SafeVLMProcessor
-from safevlm_hf.tiny import TinyLlavaSpec, build_tiny_llava
 
-from conftest import chat_prompt, make_image
+from conftest import chat_prompt
 
 
 def _inputs(processor, texts, images=None, padding_side="left"):
