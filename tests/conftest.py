@@ -53,5 +53,14 @@ def saved_safevlm(_tiny_safevlm_pair, tmp_path_factory):
 
 
 @pytest.fixture
+def single_thread():
+    """One torch thread for the test: tiny models gain nothing from two, and a shared CPU thrashes with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def images():
     return [make_image(seed) for seed in range(4)]

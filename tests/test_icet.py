@@ -18,13 +18,7 @@ from safevlm_hf.layerwise.icet import IcetReport, _layer_result
 from safevlm_hf.layerwise.prompts import chat_text
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # The tiny models' matrices are too small to gain from two threads; one avoids thread contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def risky_and_safe_items() -> list[PromptItem]:

@@ -27,13 +27,7 @@ from safevlm_hf.layerwise.lppo_trainer import response_mask
 REFUSAL = "I'm sorry, but I can't help with this request."
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # The tiny models' matrices are too small to gain from two threads; one avoids thread contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import make_image
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from safevlm_hf.cli import main
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
