@@ -43,7 +43,7 @@ def main() -> None:
             safety_gating=not args.no_gating,
             return_dict_in_generate=True,
         )
-    answer = processor.decode(output.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.decode(output.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if not args.no_gating:
         verdict = output.safety_verdicts[0]
         top = sorted(verdict.type_probs.items(), key=lambda kv: -kv[1])[:3]

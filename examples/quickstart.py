@@ -41,7 +41,7 @@ def main() -> None:
     print(f"verdict: {verdict.category}, level {verdict.level} -> {verdict.action}")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=30)
-    print("answer:", processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    print("answer:", processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     print("(the safety modules are untrained here: train them with `safevlm train --stage 1`, or run `safevlm demo`)")
 
 

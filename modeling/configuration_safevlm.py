@@ -131,7 +131,9 @@ class SafeVLMConfig(LlavaConfig):
             if duplicates:
                 raise ValueError(f"{name} has duplicate labels {duplicates}; each label must be unique.")
         vision_layers = self.vision_config.num_hidden_layers
-        layers = [self.safety_feature_layer] if isinstance(self.safety_feature_layer, int) else self.safety_feature_layer
+        layers = (
+            [self.safety_feature_layer] if isinstance(self.safety_feature_layer, int) else self.safety_feature_layer
+        )
         for layer in layers:
             if not -(vision_layers + 1) <= layer <= vision_layers:
                 raise ValueError(

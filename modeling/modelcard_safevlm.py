@@ -144,8 +144,12 @@ def _training_stages(config: Any, training_stages: Sequence[Mapping[str, Any]] |
 # From a `safevlm eval` report (`report.json`): the per-benchmark rates and the safety-head scores shown on the card,
 # and the settings that pin the run (the full judge prompt, policy and environment stay in report.json).
 _REPORT_GENERATION_METRICS = (
-    "attack_success_rate", "attack_success_rate_parsed", "refusal_rate_risky", "over_refusal_rate",
-    "unparseable_rate", "mean_score",
+    "attack_success_rate",
+    "attack_success_rate_parsed",
+    "refusal_rate_risky",
+    "over_refusal_rate",
+    "unparseable_rate",
+    "mean_score",
 )
 _REPORT_HEAD_METRICS = ("accuracy", "macro_f1", "mean_absolute_error", "ece")
 

@@ -186,7 +186,11 @@ class SafeVLMSafetyHeadLayer(nn.Module):
 
     def __init__(self, config: SafeVLMConfig):
         super().__init__()
-        d, heads, p = config.safety_head_hidden_size, config.safety_head_num_attention_heads, config.safety_head_dropout
+        d, heads, p = (
+            config.safety_head_hidden_size,
+            config.safety_head_num_attention_heads,
+            config.safety_head_dropout,
+        )
         self.self_attn_norm = nn.LayerNorm(d)
         self.self_attn = SafeVLMHeadAttention(d, heads, p)
         self.cross_attn_norm = nn.LayerNorm(d)
@@ -618,7 +622,9 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoConfig
 
-            config_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in load_kwargs}
+            config_kwargs = {
+                k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in load_kwargs
+            }
             base_config = AutoConfig.from_pretrained(model_or_path, **config_kwargs)
             config = SafeVLMConfig.from_llava_config(base_config, **overrides)
             config.safety_base_model = overrides.get("safety_base_model", str(model_or_path))
@@ -784,9 +790,13 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             image_outputs = self.model.get_image_features(
                 pixel_values=pixel_values, image_sizes=image_sizes, return_llm_features=False
             )
-        return self._predict_from_image_outputs(input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask)
+        return self._predict_from_image_outputs(
+            input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask
+        )
 
-    def _predict_from_image_outputs(self, input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask=None):
+    def _predict_from_image_outputs(
+        self, input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask=None
+    ):
         type_logits, level_logits = self.model.classify_safety(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -932,7 +942,9 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 image_sizes=kwargs.get("image_sizes"),
                 return_safety_features=safety_gating,
             )
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_outputs.pooler_output)}
+            kwargs["mm_encoder_outputs"] = {
+                "image": BaseModelOutputWithPooling(pooler_output=image_outputs.pooler_output)
+            }
 
         if not safety_gating:
             return super().generate(inputs, generation_config, logits_processor, **kwargs)

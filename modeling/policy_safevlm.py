@@ -307,14 +307,14 @@ class SafetyPolicy:
             typed = entry.get("types", {}).get(category, {}).get(key, typed)
         return typed if typed is not None else action
 
-    def action_table(self, profile: str | None = None, safety_types: Sequence[str] | None = None) -> dict[str, list[str]]:
+    def action_table(
+        self, profile: str | None = None, safety_types: Sequence[str] | None = None
+    ) -> dict[str, list[str]]:
         """``{risk type: [action at level 0, 1, ...]}`` for a profile, for documentation and model cards."""
         types = safety_types or self.safety_types or DEFAULT_SAFETY_TYPES
         return {t: [self.action(t, lvl, profile) for lvl in range(self.num_levels)] for t in types}
 
-    def message(
-        self, action: str, category: str, level: int, level_name: str = "", profile: str | None = None
-    ) -> str:
+    def message(self, action: str, category: str, level: int, level_name: str = "", profile: str | None = None) -> str:
         """The text forced for ``action`` (empty for ``"answer"``), with the reason spelled out."""
         if action == "answer":
             return ""
@@ -327,8 +327,10 @@ class SafetyPolicy:
         if not template:
             template = _DEFAULT_POLICY["messages"][action]["default"]
         reasons = messages.get("reasons", {})
-        reason = reasons.get(category) or _DEFAULT_POLICY["messages"]["reasons"].get(category) or (
-            f"It was assessed as {category} content."
+        reason = (
+            reasons.get(category)
+            or _DEFAULT_POLICY["messages"]["reasons"].get(category)
+            or (f"It was assessed as {category} content.")
         )
         return template.format(
             category=category,
@@ -478,7 +480,9 @@ class SafetyPolicy:
         for type_name, reason in _check_mapping(messages.get("reasons", {}), "safety_policy.messages.reasons").items():
             self._check_type(type_name, f"safety_policy.messages.reasons.{type_name}")
             if not isinstance(reason, str):
-                raise SafetyPolicyError(f"safety_policy.messages.reasons.{type_name}: expected a string, got {reason!r}.")
+                raise SafetyPolicyError(
+                    f"safety_policy.messages.reasons.{type_name}: expected a string, got {reason!r}."
+                )
 
 
 __all__ = [

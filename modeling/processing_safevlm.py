@@ -51,7 +51,9 @@ class SafeVLMProcessor(LlavaProcessor):
         )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return super().replace_image_token(image_inputs, image_idx, **kwargs) + self.image_token * self.num_safety_tokens
+        return (
+            super().replace_image_token(image_inputs, image_idx, **kwargs) + self.image_token * self.num_safety_tokens
+        )
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
@@ -71,7 +73,9 @@ class SafeVLMProcessor(LlavaProcessor):
         source = processor_or_path
         missing = [name for name in ("image_processor", "tokenizer") if getattr(source, name, None) is None]
         if missing:
-            raise ValueError(f"from_llava_processor needs a LLaVA processor with {missing}; got {type(source).__name__}.")
+            raise ValueError(
+                f"from_llava_processor needs a LLaVA processor with {missing}; got {type(source).__name__}."
+            )
         return cls(
             image_processor=source.image_processor,
             tokenizer=source.tokenizer,

@@ -17,8 +17,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "run.py"
 SECTIONS = (
-    "prefill_verdict", "decode", "decode_steps", "gate", "memory", "external_guard", "mixed_batch", "training", "parameters",
-    "floors", "targets", "table", "meta", "markdown_table",
+    "prefill_verdict",
+    "decode",
+    "decode_steps",
+    "gate",
+    "memory",
+    "external_guard",
+    "mixed_batch",
+    "training",
+    "parameters",
+    "floors",
+    "targets",
+    "table",
+    "meta",
+    "markdown_table",
 )
 
 
@@ -32,7 +44,10 @@ def quick_run(tmp_path_factory):
     # A subprocess, as users run it: the script pins malloc thresholds and thread counts for its own process.
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     results = json.loads(out.read_text(), parse_constant=_reject_constant)

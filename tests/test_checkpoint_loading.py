@@ -14,7 +14,10 @@ from conftest import chat_prompt, make_image
 
 
 REMOTE_FILES = {
-    "configuration_safevlm.py", "modeling_safevlm.py", "processing_safevlm.py", "policy_safevlm.py",
+    "configuration_safevlm.py",
+    "modeling_safevlm.py",
+    "processing_safevlm.py",
+    "policy_safevlm.py",
     "gating_safevlm.py",
 }
 
@@ -54,9 +57,13 @@ def test_installed_auto_classes_load_identically(_tiny_safevlm_pair, saved_safev
         loaded = auto.from_pretrained(saved_safevlm).eval()
         assert type(loaded) is SafeVLMForConditionalGeneration
         with torch.no_grad():
-            out = loaded(**loaded_processor(images=[make_image(1)],
-                                            text=[chat_prompt(loaded_processor, "What is in the image?")],
-                                            return_tensors="pt"))
+            out = loaded(
+                **loaded_processor(
+                    images=[make_image(1)],
+                    text=[chat_prompt(loaded_processor, "What is in the image?")],
+                    return_tensors="pt",
+                )
+            )
         # Same weights (bit-identical, see test_resave...); CPU kernels may round differently on other buffers.
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(out.safety_type_logits, ref.safety_type_logits, atol=1e-6, rtol=1e-5)
@@ -96,7 +103,10 @@ def test_remote_code_load_without_the_package(_tiny_safevlm_pair, saved_safevlm,
     out_path = tmp_path / "remote.pt"
     run = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(saved_safevlm), str(out_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(out_path)

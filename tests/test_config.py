@@ -10,7 +10,13 @@ def test_defaults_follow_the_paper():
     assert isinstance(config, LlavaConfig)
     assert config.num_safety_tokens == 64
     assert config.safety_types == [
-        "Politics", "Illegal Risk", "Insults & Bullying", "Fairness", "Privacy", "Misleading", "Safe",
+        "Politics",
+        "Illegal Risk",
+        "Insults & Bullying",
+        "Fairness",
+        "Privacy",
+        "Misleading",
+        "Safe",
     ]
     assert config.safety_levels == list(DEFAULT_SAFETY_LEVELS) and len(config.safety_levels) == 4
     assert config.safety_feature_layer == config.vision_feature_layer
@@ -44,10 +50,19 @@ def test_round_trip_through_auto_config(tmp_path):
         ({"safety_types": ["Safe", "Safe"]}, r"duplicate labels \['Safe'\]"),
         ({"safety_levels": ["only one"]}, "at least two label strings"),
         ({"safety_feature_layer": 99}, "safety_feature_layer 99 is outside the vision encoder"),
-        ({"safety_policy": {"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "answer"}}},
-         r"safety_policy.levels.3: level 3 is always 'refuse'"),
-        ({"safety_policy": {"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "refuse"},
-                            "types": {"Nudity": {"1": "refuse"}}}}, r"unknown risk type 'Nudity'"),
+        (
+            {"safety_policy": {"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "answer"}}},
+            r"safety_policy.levels.3: level 3 is always 'refuse'",
+        ),
+        (
+            {
+                "safety_policy": {
+                    "levels": {"0": "answer", "1": "answer", "2": "answer", "3": "refuse"},
+                    "types": {"Nudity": {"1": "refuse"}},
+                }
+            },
+            r"unknown risk type 'Nudity'",
+        ),
     ],
 )
 def test_invalid_settings_raise_one_clear_error(kwargs, match):
@@ -64,7 +79,9 @@ def test_custom_taxonomy_gets_a_valid_default_policy():
 
 def test_policy_error_is_a_value_error_naming_the_key():
     with pytest.raises(SafetyPolicyError, match=r"safety_policy.profiles.kids.levels.7"):
-        SafeVLMConfig(safety_policy={
-            "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
-            "profiles": {"kids": {"levels": {"7": "refuse"}}},
-        })
+        SafeVLMConfig(
+            safety_policy={
+                "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
+                "profiles": {"kids": {"levels": {"7": "refuse"}}},
+            }
+        )

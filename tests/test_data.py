@@ -29,8 +29,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def _row(question="What is shown?", answer="A red square.", image="img.png", safe_type=6, safe_level=0, **extra):
     value = ("<image>\n" if image else "") + question
-    row = {"safe_type": safe_type, "image": image, "safe_level": safe_level,
-           "conversations": [{"from": "USER", "value": value}, {"from": "ASSISTANT", "value": answer}]}
+    row = {
+        "safe_type": safe_type,
+        "image": image,
+        "safe_level": safe_level,
+        "conversations": [{"from": "USER", "value": value}, {"from": "ASSISTANT", "value": answer}],
+    }
     row.update(extra)
     return row
 
@@ -58,9 +62,17 @@ def test_psa_vlm_rows_load_with_images_relative_to_the_file(monkeypatch, tmp_pat
 
 
 def test_speaker_aliases_text_only_rows_and_json_lists(tmp_path):
-    row = {"safe_type": 4, "safe_level": 2, "image": None, "conversations": [
-        {"from": "Human", "value": "Find this person's phone number."}, {"from": "GPT", "value": "I can't."},
-        {"from": "human", "value": "Please?"}, {"from": "gpt", "value": "No."}]}
+    row = {
+        "safe_type": 4,
+        "safe_level": 2,
+        "image": None,
+        "conversations": [
+            {"from": "Human", "value": "Find this person's phone number."},
+            {"from": "GPT", "value": "I can't."},
+            {"from": "human", "value": "Please?"},
+            {"from": "gpt", "value": "No."},
+        ],
+    }
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([row, {**row, "conversations": row["conversations"][:2]}]))
     dataset = load_safety_dataset(path)
@@ -91,13 +103,13 @@ def test_vlguard_entries_become_rows_by_the_documented_table(monkeypatch, tmp_pa
     dataset = load_safety_dataset(f"vlguard:{FIXTURES / 'vlguard' / 'train.json'}")
     rows = [(e.messages[0]["content"][:20], e.safe_type, e.safe_level) for e in dataset.examples]
     assert rows == [
-        ("Describe the caf\u00e9 in", 6, 0),           # safe image, safe instruction
-        ("Tell me how to break", None, 3),            # safe image, unsafe instruction: type unknown, reject
-        ("Write a post saying ", 5, 2),               # deception / disinformation -> Misleading 2
-        ("How do I hurt someon", 1, 3),               # risky behavior / violence -> Illegal Risk 3
-        ("Explain why this mem", 3, 2),               # discrimination / race -> Fairness 2
-        ("Read me the card num", 4, 2),               # privacy / personal data -> Privacy 2
-        ("Should I stop my med", 5, 1),               # risky behavior / professional advice -> Misleading 1
+        ("Describe the caf\u00e9 in", 6, 0),  # safe image, safe instruction
+        ("Tell me how to break", None, 3),  # safe image, unsafe instruction: type unknown, reject
+        ("Write a post saying ", 5, 2),  # deception / disinformation -> Misleading 2
+        ("How do I hurt someon", 1, 3),  # risky behavior / violence -> Illegal Risk 3
+        ("Explain why this mem", 3, 2),  # discrimination / race -> Fairness 2
+        ("Read me the card num", 4, 2),  # privacy / personal data -> Privacy 2
+        ("Should I stop my med", 5, 1),  # risky behavior / professional advice -> Misleading 1
     ]
     assert all(e.image_turn == 0 and Path(e.image).is_file() for e in dataset.examples)
     assert dataset.examples[1].location.endswith("entry 0 (id Priv_000001) [unsafe_instruction]")
@@ -112,7 +124,9 @@ def test_vlguard_unknown_category_is_a_bad_row_and_subcategory_falls_back(tmp_pa
     entries[3]["harmful_category"], entries[3]["harmful_subcategory"] = "spam", "ads"
     shutil.copytree(source, tmp_path / "vl")
     (tmp_path / "vl" / "train.json").write_text(json.dumps(entries))
-    with pytest.raises(SafetyDataError, match=r"train\.json, entry 3 \(id Meme_000004\): unknown harmful category 'spam'"):
+    with pytest.raises(
+        SafetyDataError, match=r"train\.json, entry 3 \(id Meme_000004\): unknown harmful category 'spam'"
+    ):
         load_vlguard(tmp_path / "vl" / "train.json")
     dataset = load_vlguard(tmp_path / "vl" / "train.json", skip_bad_rows=True)
     assert len(dataset) == 6 and [r.location for r in dataset.skipped_rows] == [
@@ -130,10 +144,15 @@ BAD_ROWS = {
     "level out of range": (_row(safe_type=1, safe_level=4), r"safe_level 4 is out of range"),
     "non-integer type": (_row(safe_type="2"), r"safe_type must be an integer"),
     "empty conversation": ({**_row(), "conversations": []}, r"the conversation is empty"),
-    "no assistant turn": ({**_row(), "conversations": [{"from": "USER", "value": "<image>\nhi"}]},
-                          r"no ASSISTANT turn"),
+    "no assistant turn": (
+        {**_row(), "conversations": [{"from": "USER", "value": "<image>\nhi"}]},
+        r"no ASSISTANT turn",
+    ),
     "unknown speaker": ({**_row(), "conversations": [{"from": "bot", "value": "x"}]}, r"unknown speaker 'bot'"),
-    "placeholder without image": (_row(image=None, question="<image>\nWhat?"), r"'<image>' placeholder but the row has no image"),
+    "placeholder without image": (
+        _row(image=None, question="<image>\nWhat?"),
+        r"'<image>' placeholder but the row has no image",
+    ),
     "invalid JSON": ('{"safe_type": 1, "image": ', r"not valid JSON"),
 }
 
@@ -154,7 +173,12 @@ def test_skip_bad_rows_counts_and_reports_every_bad_row(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         dataset = load_safety_dataset(path, skip_bad_rows=True)
     assert len(dataset) == 2
-    assert [row.location.rsplit(", ", 1)[1] for row in dataset.skipped_rows] == ["line 2", "line 3", "line 6", "line 7"]
+    assert [row.location.rsplit(", ", 1)[1] for row in dataset.skipped_rows] == [
+        "line 2",
+        "line 3",
+        "line 6",
+        "line 7",
+    ]
     assert "does not exist" in dataset.skipped_rows[0].reason and "Fix the row" not in dataset.skipped_rows[0].reason
     assert "Skipped 4 bad row(s)" in caplog.text
 
@@ -193,15 +217,35 @@ def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
     model, processor = tiny_safevlm
     tokenizer = processor.tokenizer
     features = [
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                      {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."}],
-         "image": None, "safe_type": 6, "safe_level": 0},
-        {"messages": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A cat."}],
-         "image": make_image(3), "image_turn": 0, "safe_type": None, "safe_level": 3},
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "More?"},
+                {"role": "assistant", "content": "No."},
+            ],
+            "image": None,
+            "safe_type": 6,
+            "safe_level": 0,
+        },
+        {
+            "messages": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A cat."}],
+            "image": make_image(3),
+            "image_turn": 0,
+            "safe_type": None,
+            "safe_level": 3,
+        },
     ]
     batch = SafeVLMDataCollator(processor)(features)
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "safety_text_mask",
-                          "safety_type_labels", "safety_level_labels"}
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "labels",
+        "safety_text_mask",
+        "safety_type_labels",
+        "safety_level_labels",
+    }
     assert batch["safety_type_labels"].tolist() == [6, -100] and batch["safety_level_labels"].tolist() == [0, 3]
     # pixel_values: one image, the second row's (text-only rows add none)
     expected_pixels = processor.image_processor(make_image(3), return_tensors="pt")["pixel_values"]
@@ -215,21 +259,42 @@ def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
     # targets; the head reads the two user turns and the role headers.
     assert tokens(0, batch["labels"][0] != -100) == ["Ġ", "H", "el", "lo", ".", "</s>", "ĠNo", ".", "</s>"]
     assert tokens(0, batch["safety_text_mask"][0]) == [
-        "<s>", "ĠUSER", ":", "Ġ", "H", "i", "ĠASSISTANT", ":", "ĠUSER", ":", "Ġ", "M", "o", "re", "?", "ĠASSISTANT", ":"]
+        "<s>",
+        "ĠUSER",
+        ":",
+        "Ġ",
+        "H",
+        "i",
+        "ĠASSISTANT",
+        ":",
+        "ĠUSER",
+        ":",
+        "Ġ",
+        "M",
+        "o",
+        "re",
+        "?",
+        "ĠASSISTANT",
+        ":",
+    ]
     labels0 = batch["labels"][0][batch["labels"][0] != -100]
     assert torch.equal(labels0, batch["input_ids"][0][batch["labels"][0] != -100])
     # Row 1: 25 image tokens + 4 safety placeholders are neither targets nor read by the head; padding is on the right.
     image_positions = batch["input_ids"][1] == processor.image_token_id
     assert int(image_positions.sum()) == 25 + 4
-    assert not (batch["labels"][1][image_positions] != -100).any() and not batch["safety_text_mask"][1][image_positions].any()
+    assert (
+        not (batch["labels"][1][image_positions] != -100).any()
+        and not batch["safety_text_mask"][1][image_positions].any()
+    )
     assert tokens(1, batch["labels"][1] != -100) == ["Ġ", "A", "Ġcat", ".", "</s>"]
     assert tokens(1, batch["safety_text_mask"][1])[-4:] == ["Ġit", "?", "ĠASSISTANT", ":"]
     padding = batch["attention_mask"] == 0
     assert padding[0].any() and not padding[0][: int(batch["attention_mask"][0].sum())].any()
     assert not (batch["labels"][padding] != -100).any() and not batch["safety_text_mask"][padding].any()
     # the prompt the head reads is exactly what it reads at inference (prompt + generation header)
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-                                           add_generation_prompt=True)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], add_generation_prompt=True
+    )
     prompt_ids = processor(text=[prompt], return_tensors="pt")["input_ids"][0]
     assert tokens(0, batch["safety_text_mask"][0])[:8] == tokenizer.convert_ids_to_tokens(prompt_ids.tolist())
     out = model(**batch)
@@ -238,10 +303,19 @@ def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
 
 def test_collator_keeps_pixel_values_in_row_order_for_mixed_batches(tiny_safevlm):
     _, processor = tiny_safevlm
+
     def feature(image):
-        return {"messages": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "This."}],
-                "image": image, "image_turn": 0, "safe_type": 6, "safe_level": 0}
-    batch = SafeVLMDataCollator(processor)([feature(make_image(5)), feature(None), feature(None), feature(make_image(6))])
+        return {
+            "messages": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "This."}],
+            "image": image,
+            "image_turn": 0,
+            "safe_type": 6,
+            "safe_level": 0,
+        }
+
+    batch = SafeVLMDataCollator(processor)(
+        [feature(make_image(5)), feature(None), feature(None), feature(make_image(6))]
+    )
     expected = processor.image_processor([make_image(5), make_image(6)], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected)
     per_row = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
@@ -252,8 +326,13 @@ def test_collator_keeps_pixel_values_in_row_order_for_mixed_batches(tiny_safevlm
 
 def test_collator_rejects_a_row_over_max_length(tiny_safevlm):
     _, processor = tiny_safevlm
-    feature = {"messages": [{"role": "user", "content": "Hi " * 30}, {"role": "assistant", "content": "Ok."}],
-               "image": None, "safe_type": 6, "safe_level": 0, "location": "mine.jsonl, line 9"}
+    feature = {
+        "messages": [{"role": "user", "content": "Hi " * 30}, {"role": "assistant", "content": "Ok."}],
+        "image": None,
+        "safe_type": 6,
+        "safe_level": 0,
+        "location": "mine.jsonl, line 9",
+    }
     with pytest.raises(SafetyDataError, match=r"mine\.jsonl, line 9: \d+ tokens .* exceed max_length=20"):
         SafeVLMDataCollator(processor, max_length=20)([feature])
 

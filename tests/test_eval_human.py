@@ -11,8 +11,10 @@ from safevlm_hf.evaluation.human_eval import HumanEvalError, export_ab_pairs, im
 
 
 def _records(model: str, n: int = 8) -> list[dict]:
-    return [{"id": f"item{i}", "prompt": f"question {i}", "response": f"{model} answer {i}", "image": None}
-            for i in range(n)]
+    return [
+        {"id": f"item{i}", "prompt": f"question {i}", "response": f"{model} answer {i}", "image": None}
+        for i in range(n)
+    ]
 
 
 def _fill(pairs_csv, labels_by_row):
@@ -83,8 +85,9 @@ def test_bad_labels_name_the_row(tmp_path):
 
 def test_export_rejects_mismatched_inputs(tmp_path):
     with pytest.raises(HumanEvalError, match="no item ids in common"):
-        export_ab_pairs(_records("a"), [{"id": "x", "prompt": "p", "response": "r"}], tmp_path, model_a="a",
-                        model_b="b")
+        export_ab_pairs(
+            _records("a"), [{"id": "x", "prompt": "p", "response": "r"}], tmp_path, model_a="a", model_b="b"
+        )
     changed = _records("b")
     changed[0]["prompt"] = "another question"
     with pytest.raises(HumanEvalError, match="'item0': the two models were given different prompts"):

@@ -100,8 +100,15 @@ def test_head_metrics_by_hand():
 
 def _record(expected, unsafe, refused, *, parsed=True, score=None, category="c", risk_type="Privacy", verdict=None):
     judgement = Judgement(unsafe=unsafe if parsed else None, refused=refused, score=score, parsed=parsed)
-    return {"expected": expected, "judgement": judgement, "refused": refused, "category": category,
-            "risk_type": risk_type, "source": "bench", "verdict": verdict}
+    return {
+        "expected": expected,
+        "judgement": judgement,
+        "refused": refused,
+        "category": category,
+        "risk_type": risk_type,
+        "source": "bench",
+        "verdict": verdict,
+    }
 
 
 def test_generation_metrics_by_hand():

@@ -87,14 +87,26 @@ def test_eval_cli_writes_a_reproducible_report(saved_safevlm, tmp_path, capsys):
     assert all(Path(r["image"]).parent == out / "rendered" for r in records[:2])  # --render-dir defaults to OUT
 
     plots = report["files"]["plots"]
-    assert {"rates_figstep.png", "rates_xstest.png", "verdict_type_confusion.png", "head_type_confusion.png",
-            "head_level_confusion.png", "head_type_reliability.png"} <= set(plots)
+    assert {
+        "rates_figstep.png",
+        "rates_xstest.png",
+        "verdict_type_confusion.png",
+        "head_type_confusion.png",
+        "head_level_confusion.png",
+        "head_type_reliability.png",
+    } <= set(plots)
     for name in plots:
         with Image.open(out / name) as image:
             assert image.format == "PNG"
     markdown = (out / "report.md").read_text()
-    for expected in (report["model"]["config_hash"], "string_match", "### figstep: per category",
-                     "![rates_figstep](rates_figstep.png)", "## Safety head (labelled data)", "over-refusal"):
+    for expected in (
+        report["model"]["config_hash"],
+        "string_match",
+        "### figstep: per category",
+        "![rates_figstep](rates_figstep.png)",
+        "## Safety head (labelled data)",
+        "over-refusal",
+    ):
         assert expected in markdown
 
 
@@ -151,6 +163,16 @@ def test_eval_cli_help_lists_the_options(flag):
     parser = argparse.ArgumentParser(prog="safevlm")
     sub = register(parser.add_subparsers(dest="command"))
     text = sub.format_help()
-    for option in ("--model", "--bench", "--judge", "--out", "--profile", "--max-new-tokens", "--batch-size",
-                   "--limit", "--seed", flag):
+    for option in (
+        "--model",
+        "--bench",
+        "--judge",
+        "--out",
+        "--profile",
+        "--max-new-tokens",
+        "--batch-size",
+        "--limit",
+        "--seed",
+        flag,
+    ):
         assert option in text

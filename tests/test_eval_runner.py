@@ -71,13 +71,15 @@ def test_evaluate_safevlm_records_verdicts_and_gates(tiny_safevlm, items):
 def test_evaluate_policy_and_profile_reach_the_gate(tiny_safevlm, items):
     model, processor = tiny_safevlm
     permissive = {"version": 1, "levels": {"0": "answer", "1": "answer", "2": "answer", "3": "refuse"}}
-    result = evaluate(model, processor, items[:3], StringMatchJudge(), policy=permissive, max_new_tokens=2,
-                      progress=False)
+    result = evaluate(
+        model, processor, items[:3], StringMatchJudge(), policy=permissive, max_new_tokens=2, progress=False
+    )
     for record in result.records:
         assert record["verdict"]["action"] == ("refuse" if record["verdict"]["level"] == 3 else "answer")
     assert result.settings["policy"]["levels"] == permissive["levels"]
-    minor = evaluate(model, processor, items[1:3], StringMatchJudge(), profile="minor", max_new_tokens=2,
-                     progress=False)
+    minor = evaluate(
+        model, processor, items[1:3], StringMatchJudge(), profile="minor", max_new_tokens=2, progress=False
+    )
     assert all(r["verdict"]["profile"] == "minor" for r in minor.records)
     with pytest.raises(SafetyPolicyError, match="unknown safety profile 'teen'"):
         evaluate(model, processor, items[:1], StringMatchJudge(), profile="teen", progress=False)

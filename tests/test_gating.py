@@ -78,7 +78,7 @@ def _check_rows(output_ids, prompt_length, expected, pad_id, max_new_tokens):
         generated = output_ids[row, prompt_length:].tolist()
         want = expected[row // rows_per_input][:max_new_tokens]
         assert generated[: len(want)] == want, f"row {row}: {generated} != {want}"
-        assert all(t == pad_id for t in generated[len(want):]), f"row {row} continued after EOS: {generated}"
+        assert all(t == pad_id for t in generated[len(want) :]), f"row {row} continued after EOS: {generated}"
 
 
 DECODING_MODES = {
@@ -115,7 +115,7 @@ def test_message_longer_than_max_new_tokens_gives_its_prefix(tiny_safevlm):
     verdict = model.assess(**inputs)[0]
     out = model.generate(**inputs, max_new_tokens=3, safety_policy={**REFUSE_ALL, "messages": {}})
     expected = processor.tokenizer.encode(verdict.message, add_special_tokens=False)[:3]
-    assert out[0, inputs["input_ids"].shape[1]:].tolist() == expected
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == expected
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
@@ -155,8 +155,8 @@ def test_mixed_batch_gates_each_row_by_its_own_verdict(steered):
         max_new_tokens=60 - len(prefix),
         safety_gating=False,
     )
-    tail = free[0, continued.shape[1]:].tolist()
-    assert generated[1, len(prefix):len(prefix) + len(tail)].tolist() == tail
+    tail = free[0, continued.shape[1] :].tolist()
+    assert generated[1, len(prefix) : len(prefix) + len(tail)].tolist() == tail
     # answer row: what the ungated model says
     ungated = model.generate(**inputs, max_new_tokens=60, safety_gating=False)
     assert torch.equal(generated[0], ungated[0, prompt_length:])
@@ -164,20 +164,26 @@ def test_mixed_batch_gates_each_row_by_its_own_verdict(steered):
 
 def test_profiles_change_the_action_per_call(steered):
     model, processor, inputs = steered
-    policy = {"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
-              "profiles": {"minor": {"levels": {"1": "refuse", "2": "refuse"}}}}
-    minor = model.generate(**inputs, max_new_tokens=4, safety_policy=policy, safety_profile="minor",
-                           return_dict_in_generate=True)
+    policy = {
+        "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
+        "profiles": {"minor": {"levels": {"1": "refuse", "2": "refuse"}}},
+    }
+    minor = model.generate(
+        **inputs, max_new_tokens=4, safety_policy=policy, safety_profile="minor", return_dict_in_generate=True
+    )
     assert [v.action for v in minor.safety_verdicts] == ["answer", "refuse", "refuse"]
     assert [v.profile for v in minor.safety_verdicts] == ["minor"] * 3
-    with pytest.raises(SafetyPolicyError, match=r"unknown safety profile 'teen'; known profiles: \['default', 'minor'\]"):
+    with pytest.raises(
+        SafetyPolicyError, match=r"unknown safety profile 'teen'; known profiles: \['default', 'minor'\]"
+    ):
         model.generate(**inputs, max_new_tokens=2, safety_policy=policy, safety_profile="teen")
 
 
 def test_concurrent_calls_with_different_profiles_do_not_interfere(steered):
     model, processor, inputs = steered
     reference = {
-        profile: model.generate(**inputs, max_new_tokens=20, safety_profile=profile) for profile in ("default", "minor")
+        profile: model.generate(**inputs, max_new_tokens=20, safety_profile=profile)
+        for profile in ("default", "minor")
     }
     assert not torch.equal(reference["default"], reference["minor"])
     results, errors = {}, []
@@ -215,8 +221,9 @@ def test_user_logits_processors_cannot_undo_the_gate(tiny_safevlm):
     inputs = _batch(processor, ["hi"])
     verdict = model.assess(**inputs, safety_policy=REFUSE_ALL)[0]
     expected = _expected_tokens(model, processor.tokenizer, verdict)
-    out = model.generate(**inputs, safety_policy=REFUSE_ALL, max_new_tokens=20,
-                         logits_processor=LogitsProcessorList([_ForceToken(7)]))
+    out = model.generate(
+        **inputs, safety_policy=REFUSE_ALL, max_new_tokens=20, logits_processor=LogitsProcessorList([_ForceToken(7)])
+    )
     _check_rows(out, inputs["input_ids"].shape[1], [expected], processor.tokenizer.pad_token_id, 20)
 
 
@@ -260,7 +267,9 @@ def test_gating_argument_validation(tiny_safevlm):
     with pytest.raises(ValueError, match="custom_generate cannot be combined with safety gating"):
         model.generate(**inputs, custom_generate="someone/decoding", max_new_tokens=2)
     with pytest.raises(SafetyPolicyError, match="safety_policy.levels.3"):
-        model.generate(**inputs, safety_policy={"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "answer"}})
+        model.generate(
+            **inputs, safety_policy={"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "answer"}}
+        )
 
 
 def test_gate_processor_validates_its_plan():
@@ -275,10 +284,15 @@ def test_gate_processor_validates_its_plan():
     with pytest.raises(ValueError, match="built for 2 rows but got scores for 3"):
         gate(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 8))
     # post-condition on finished sequences: forced positions (message + one EOS) rewritten, the rest untouched
-    finished = torch.tensor([[9, 9, 9, 4, 0, 2, 0, 0], [9, 9, 9, 4, 5, 2, 0, 0],
-                             [9, 9, 9, 6, 6, 6, 6, 6], [9, 9, 9, 7, 7, 7, 0, 0]])
-    assert gate.enforce(finished).tolist() == [[9, 9, 9, 4, 5, 2, 0, 0], [9, 9, 9, 4, 5, 2, 0, 0],
-                                               [9, 9, 9, 6, 6, 6, 6, 6], [9, 9, 9, 7, 7, 7, 0, 0]]
+    finished = torch.tensor(
+        [[9, 9, 9, 4, 0, 2, 0, 0], [9, 9, 9, 4, 5, 2, 0, 0], [9, 9, 9, 6, 6, 6, 6, 6], [9, 9, 9, 7, 7, 7, 0, 0]]
+    )
+    assert gate.enforce(finished).tolist() == [
+        [9, 9, 9, 4, 5, 2, 0, 0],
+        [9, 9, 9, 4, 5, 2, 0, 0],
+        [9, 9, 9, 6, 6, 6, 6, 6],
+        [9, 9, 9, 7, 7, 7, 0, 0],
+    ]
 
 
 # ----------------------------------------------------------------------------- random generate-kwargs sweep
@@ -320,8 +334,12 @@ def generate_kwargs(draw):
     return kwargs
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(kwargs=generate_kwargs())
 def test_random_generate_kwargs_never_leak(steered, kwargs):
     model, processor, inputs = steered
@@ -336,7 +354,7 @@ def test_random_generate_kwargs_never_leak(steered, kwargs):
     if suppress:
         kwargs["suppress_tokens"] = forced_ids[:suppress]
     if bad_words:
-        kwargs["bad_words_ids"] = [[t] for t in forced_ids[suppress: suppress + bad_words]]
+        kwargs["bad_words_ids"] = [[t] for t in forced_ids[suppress : suppress + bad_words]]
     if kwargs.pop("_user_force"):
         kwargs["logits_processor"] = LogitsProcessorList([_ForceToken(9)])
     if kwargs.pop("_forced_eos"):

@@ -71,10 +71,15 @@ def _installed_outputs(path):
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     piped = []
     for profile in (None, "minor"):
-        messages = [{"role": "user", "content": [{"type": "image", "image": images[0]},
-                                                  {"type": "text", "text": PROMPTS[0]}]}]
-        result = pipe(text=messages, max_new_tokens=30, return_full_text=False,
-                      generate_kwargs={"safety_profile": profile} if profile else {})
+        messages = [
+            {"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": PROMPTS[0]}]}
+        ]
+        result = pipe(
+            text=messages,
+            max_new_tokens=30,
+            return_full_text=False,
+            generate_kwargs={"safety_profile": profile} if profile else {},
+        )
         piped.append(result[0]["generated_text"])
     verdict = model.assess(**inputs)[0]
     return generated, piped, verdict
@@ -84,7 +89,10 @@ def test_remote_code_and_pipelines_gate_identically(saved_safevlm, tmp_path):
     generated, piped, verdict = _installed_outputs(saved_safevlm)
     run = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(saved_safevlm), json.dumps(PROMPTS), json.dumps(CASES)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     remote = json.loads(run.stdout.strip().splitlines()[-1])

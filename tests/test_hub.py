@@ -27,11 +27,19 @@ from test_model_card import save_checkpoint_with_card
 
 
 BASE_FILES = {
-    "README.md", "config.json", "generation_config.json", "model.safetensors", "processor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
 }
 JUNK = {
-    "optimizer.pt": b"\x80\x04", "training_args.bin": b"\x80\x04", "notes.txt": b"x",
+    "optimizer.pt": b"\x80\x04",
+    "training_args.bin": b"\x80\x04",
+    "notes.txt": b"x",
     "checkpoint-5/model.safetensors": b"",
 }
 
@@ -64,8 +72,13 @@ def test_upload_set_is_exactly_what_a_remote_load_needs(folder, caplog):
         (folder / name).write_bytes(content)
     files = check_upload_folder(folder)
     assert set(files) == _expected_files(folder) and len(files) == len(set(files))
-    assert {"modeling_safevlm.py", "configuration_safevlm.py", "processing_safevlm.py", "policy_safevlm.py",
-            "gating_safevlm.py"} <= set(files)
+    assert {
+        "modeling_safevlm.py",
+        "configuration_safevlm.py",
+        "processing_safevlm.py",
+        "policy_safevlm.py",
+        "gating_safevlm.py",
+    } <= set(files)
     assert remote_code_files(folder) == files
     assert all(name in caplog.text for name in JUNK)  # what is left out is named
 
@@ -81,20 +94,24 @@ def test_the_uploaded_files_alone_load_without_the_package_and_the_card_quick_st
     assert len(blocks) == 2  # Auto classes + pipeline
     code = "\n".join(blocks).replace(REPO_ID_PLACEHOLDER, str(upload))
     make_image(3).save(tmp_path / "image.jpg")
-    script = textwrap.dedent(
-        """
+    script = (
+        textwrap.dedent(
+            """
         import sys
         sys.modules["safevlm_hf"] = None  # a Hub user without our package
         import json
         """
-    ) + code + textwrap.dedent(
-        """
+        )
+        + code
+        + textwrap.dedent(
+            """
         from transformers import AutoModel
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         again = AutoModel.from_pretrained(repo_id, trust_remote_code=True, revision=revision)
         assert type(again).__name__ == type(model).__name__ == "SafeVLMForConditionalGeneration"
         print("VERDICT", verdicts[0].action)
         """
+        )
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -181,8 +198,12 @@ class HubRecorder:
                     with op.as_file() as handle:
                         recorder.uploaded[op.path_in_repo] = handle.read()
                 oid = "c0ffee" * 6 + "abcd"
-                return CommitInfo(commit_url=f"https://huggingface.co/{arguments['repo_id']}/commit/{oid}",
-                                  commit_message=arguments["commit_message"], commit_description="", oid=oid)
+                return CommitInfo(
+                    commit_url=f"https://huggingface.co/{arguments['repo_id']}/commit/{oid}",
+                    commit_message=arguments["commit_message"],
+                    commit_description="",
+                    oid=oid,
+                )
             return None
 
         return record
@@ -208,21 +229,42 @@ def test_cli_push_makes_one_commit_with_the_checked_files(folder, monkeypatch, c
     hub = HubRecorder(monkeypatch)
     monkeypatch.setenv("MY_HF_TOKEN", "hf_secret")
     card_on_disk = (folder / "README.md").read_bytes()
-    args = _parse(["push", "--model", str(folder), "--repo-id", "acme/safevlm-tiny", "--private", "--revision", "dev",
-                   "--token-env", "MY_HF_TOKEN", "--commit-message", "SafeVLM v1"])
+    args = _parse(
+        [
+            "push",
+            "--model",
+            str(folder),
+            "--repo-id",
+            "acme/safevlm-tiny",
+            "--private",
+            "--revision",
+            "dev",
+            "--token-env",
+            "MY_HF_TOKEN",
+            "--commit-message",
+            "SafeVLM v1",
+        ]
+    )
     call = build_push_call(args)  # everything is decided before the network
     assert (call.repo_id, call.private, call.revision, call.token, call.commit_message) == (
-        "acme/safevlm-tiny", True, "dev", "hf_secret", "SafeVLM v1")
+        "acme/safevlm-tiny",
+        True,
+        "dev",
+        "hf_secret",
+        "SafeVLM v1",
+    )
     assert set(call.files) == _expected_files(folder) and "hf_secret" not in repr(call)
     assert hub.calls == []
 
     assert args.func(args) == 0
     assert [name for name, _ in hub.calls] == ["__init__", "create_repo", "create_branch", "create_commit"]
     assert hub.named("__init__")[0]["token"] == "hf_secret"
-    assert hub.named("create_repo") == [{"repo_id": "acme/safevlm-tiny", "private": True, "exist_ok": True,
-                                         "repo_type": "model"}]
-    assert hub.named("create_branch") == [{"repo_id": "acme/safevlm-tiny", "branch": "dev", "exist_ok": True,
-                                           "repo_type": "model"}]
+    assert hub.named("create_repo") == [
+        {"repo_id": "acme/safevlm-tiny", "private": True, "exist_ok": True, "repo_type": "model"}
+    ]
+    assert hub.named("create_branch") == [
+        {"repo_id": "acme/safevlm-tiny", "branch": "dev", "exist_ok": True, "repo_type": "model"}
+    ]
     (commit,) = hub.named("create_commit")
     assert commit["repo_id"] == "acme/safevlm-tiny" and commit["revision"] == "dev"
     assert commit["commit_message"] == "SafeVLM v1"

@@ -178,7 +178,14 @@ def test_report_files_group_averages_and_round_trip(tiny_llava_pair, tmp_path):
         return [float(len(r)) for r in responses]
 
     report = icet_scan(
-        model, processor, items, StringMatchJudge(), "all", reward_model=reward, max_new_tokens=3, batch_size=3,
+        model,
+        processor,
+        items,
+        StringMatchJudge(),
+        "all",
+        reward_model=reward,
+        max_new_tokens=3,
+        batch_size=3,
         show_progress=False,
     )
     assert [r.layer for r in report.layers] == [1, 2, 3, 4]

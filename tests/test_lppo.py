@@ -263,8 +263,14 @@ def test_refusal_and_callable_rewards_check_their_inputs_and_outputs():
 
 def _tiny_reward_model(tokenizer, num_labels: int):
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     return LlamaForSequenceClassification(config).eval()

@@ -249,27 +249,54 @@ def test_malformed_evaluation_reports_name_the_key(tiny_llava_pair, report, matc
 
 def test_a_safevlm_eval_report_json_becomes_results_and_pinned_settings(tiny_llava_pair):
     # The shape `safevlm eval` writes to report.json (schema_version 1), trimmed to what the card reads.
-    generation = {"n_items": 40, "attack_success_rate": 0.05, "attack_success_rate_parsed": 0.025,
-                  "refusal_rate_risky": 0.95, "over_refusal_rate": 0.1, "unparseable_rate": 0.0, "mean_score": None,
-                  "mean_score_by_risk_type": {}}
+    generation = {
+        "n_items": 40,
+        "attack_success_rate": 0.05,
+        "attack_success_rate_parsed": 0.025,
+        "refusal_rate_risky": 0.95,
+        "over_refusal_rate": 0.1,
+        "unparseable_rate": 0.0,
+        "mean_score": None,
+        "mean_score_by_risk_type": {},
+    }
     report = {
         "schema_version": 1,
         "created_at": "2026-01-01T00:00:00+00:00",
-        "model": {"name_or_path": "out/demo", "class": "SafeVLMForConditionalGeneration", "config_hash": "ab12",
-                  "dtype": "float32", "num_parameters": 10},
-        "safety_gating": True, "profile": "minor", "policy": {"levels": {}}, "policy_hash": "cd34",
+        "model": {
+            "name_or_path": "out/demo",
+            "class": "SafeVLMForConditionalGeneration",
+            "config_hash": "ab12",
+            "dtype": "float32",
+            "num_parameters": 10,
+        },
+        "safety_gating": True,
+        "profile": "minor",
+        "policy": {"levels": {}},
+        "policy_hash": "cd34",
         "decoding": {"do_sample": False, "max_new_tokens": 64, "model_generation_config": {"eos_token_id": 2}},
         "seed": 7,
         "judge": {"name": "string", "version": "1.0", "model": None, "prompt": "a very long prompt"},
         "refusal_judge": None,
-        "benchmarks": [{"spec": "figstep:data/safebench.csv", "name": "figstep", "n_items": 40,
-                        "files": {"data/safebench.csv": "ef56"}}],
+        "benchmarks": [
+            {
+                "spec": "figstep:data/safebench.csv",
+                "name": "figstep",
+                "n_items": 40,
+                "files": {"data/safebench.csv": "ef56"},
+            }
+        ],
         "environment": {"python": "3.11"},
-        "metrics": {"overall": generation, "by_source": {"figstep": generation, "xstest": {**generation,
-                                                                                          "over_refusal_rate": 0.2}},
-                    "by_category": {}, "by_risk_type": {}, "verdicts": None},
-        "head_metrics": {"type": {"accuracy": 0.9, "macro_f1": 0.85, "ece": 0.04},
-                         "level": {"accuracy": 0.8, "macro_f1": 0.7, "mean_absolute_error": 0.25, "ece": None}},
+        "metrics": {
+            "overall": generation,
+            "by_source": {"figstep": generation, "xstest": {**generation, "over_refusal_rate": 0.2}},
+            "by_category": {},
+            "by_risk_type": {},
+            "verdicts": None,
+        },
+        "head_metrics": {
+            "type": {"accuracy": 0.9, "macro_f1": 0.85, "ece": 0.04},
+            "level": {"accuracy": 0.8, "macro_f1": 0.7, "mean_absolute_error": 0.25, "ece": None},
+        },
     }
     text = render_model_card(_config(tiny_llava_pair), eval_results=report)
     results = {(r.dataset_name, r.metric_type): r.metric_value for r in ModelCard(text).data.eval_results}
@@ -278,8 +305,15 @@ def test_a_safevlm_eval_report_json_becomes_results_and_pinned_settings(tiny_lla
     assert results[("labelled safety set", "type_accuracy")] == 0.9
     assert results[("labelled safety set", "level_mean_absolute_error")] == 0.25
     settings = text.split("Settings pinned by the evaluation report", 1)[1]
-    for pinned in ('"seed": 7', '"profile": "minor"', '"policy_hash": "cd34"', '"config_hash": "ab12"',
-                   '"spec": "figstep:data/safebench.csv"', '"max_new_tokens": 64', '"version": "1.0"'):
+    for pinned in (
+        '"seed": 7',
+        '"profile": "minor"',
+        '"policy_hash": "cd34"',
+        '"config_hash": "ab12"',
+        '"spec": "figstep:data/safebench.csv"',
+        '"max_new_tokens": 64',
+        '"version": "1.0"',
+    ):
         assert pinned in settings, pinned
     assert "a very long prompt" not in text and "model_generation_config" not in text
 
@@ -409,8 +443,12 @@ def test_model_push_to_hub_uploads_our_card(tiny_safevlm, monkeypatch):
             with op.as_file() as handle:
                 contents[op.path_in_repo] = handle.read()
         commits.append(contents)
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}", commit_message="",
-                          commit_description="", oid="0" * 40)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}",
+            commit_message="",
+            commit_description="",
+            oid="0" * 40,
+        )
 
     monkeypatch.setattr(transformers_hub.ModelCard, "load", no_card_on_the_hub)
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))

@@ -59,8 +59,12 @@ def test_with_frozen_base_only_safety_modules_get_gradients(tiny_safevlm, images
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(safety_prefixes))
     inputs = _inputs(processor, [chat_prompt(processor, "What is shown?")], images[:1])
-    out = model(**inputs, labels=inputs["input_ids"], safety_type_labels=torch.tensor([0]),
-                safety_level_labels=torch.tensor([3]))
+    out = model(
+        **inputs,
+        labels=inputs["input_ids"],
+        safety_type_labels=torch.tensor([0]),
+        safety_level_labels=torch.tensor([3]),
+    )
     out.loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and all(n.startswith(safety_prefixes) for n in with_grad)
@@ -73,7 +77,7 @@ def _legacy_llava_hf_checkpoint(llava, path):
         llava.save_pretrained(tmp)
         state = load_file(f"{tmp}/model.safetensors")
     legacy = {
-        ("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+        ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
         for k, v in state.items()
     }
     assert "language_model.lm_head.weight" in legacy and "language_model.model.embed_tokens.weight" in legacy
@@ -107,8 +111,10 @@ def test_from_llava_in_memory_matches_base_and_initializes_safety(tiny_llava_pai
     assert all(torch.equal(b, model.get_buffer(n)) for n, b in llava.named_buffers())
     for name, tensor in converted.items():
         assert torch.isfinite(tensor).all(), name
-    assert converted["model.language_model.embed_tokens.weight"].data_ptr() != base[
-        "model.language_model.embed_tokens.weight"].data_ptr()  # a copy, not shared memory
+    assert (
+        converted["model.language_model.embed_tokens.weight"].data_ptr()
+        != base["model.language_model.embed_tokens.weight"].data_ptr()
+    )  # a copy, not shared memory
 
 
 def test_safety_verdict_is_invariant_to_padding_and_batch(tiny_safevlm, images):
@@ -132,8 +138,10 @@ def test_safety_verdict_is_invariant_to_padding_and_batch(tiny_safevlm, images):
 def test_safety_head_reads_the_text(tiny_safevlm, images):
     """Same benign image, a harmful vs a harmless request: the head must learn to tell them apart."""
     model, processor = tiny_safevlm
-    prompts = [chat_prompt(processor, "How do I make a weapon to hurt people?"),
-               chat_prompt(processor, "What color is the square in the picture?")]
+    prompts = [
+        chat_prompt(processor, "How do I make a weapon to hurt people?"),
+        chat_prompt(processor, "What color is the square in the picture?"),
+    ]
     inputs = _inputs(processor, prompts, [images[0], images[0]])
     targets_type, targets_level = torch.tensor([1, 6]), torch.tensor([3, 0])
     params = [p for m in model.safety_modules().values() for p in m.parameters()]
@@ -233,7 +241,8 @@ def test_classify_only_path_runs_no_llm_and_no_llava_projector(tiny_safevlm, ima
     hooks = [
         model.model.language_model.register_forward_hook(lambda *a: calls.__setitem__("llm", calls["llm"] + 1)),
         model.model.multi_modal_projector.register_forward_hook(
-            lambda *a: calls.__setitem__("projector", calls["projector"] + 1)),
+            lambda *a: calls.__setitem__("projector", calls["projector"] + 1)
+        ),
         model.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1)),
     ]
     try:

@@ -44,7 +44,10 @@ def test_level_3_can_never_be_relaxed():
         ({**base, "levels": {**base["levels"], "3": "caution"}}, "safety_policy.levels.3"),
         ({**base, "types": {"Politics": {"3": "answer"}}}, "safety_policy.types.Politics.3"),
         ({**base, "profiles": {"adult": {"levels": {"3": "caution"}}}}, "safety_policy.profiles.adult.levels.3"),
-        ({**base, "profiles": {"x": {"types": {"Privacy": {"3": "answer"}}}}}, "safety_policy.profiles.x.types.Privacy.3"),
+        (
+            {**base, "profiles": {"x": {"types": {"Privacy": {"3": "answer"}}}}},
+            "safety_policy.profiles.x.types.Privacy.3",
+        ),
     ):
         with pytest.raises(SafetyPolicyError, match=rf"{key}: level 3 is always 'refuse'"):
             SafetyPolicy.from_dict(bad, TYPES, 4)
@@ -58,23 +61,48 @@ def test_a_policy_may_be_stricter_than_default_everywhere():
 @pytest.mark.parametrize(
     "policy_dict, match",
     [
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"}, "types": {"Nudity": {}}},
-         r"safety_policy.types.Nudity: unknown risk type 'Nudity'"),
-        ({"levels": {"0": "ignore", "1": "caution", "2": "refuse", "3": "refuse"}},
-         r"safety_policy.levels.0: unknown action 'ignore'"),
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse", "4": "refuse"}},
-         r"safety_policy.levels.4: unknown level '4'"),
+        (
+            {"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"}, "types": {"Nudity": {}}},
+            r"safety_policy.types.Nudity: unknown risk type 'Nudity'",
+        ),
+        (
+            {"levels": {"0": "ignore", "1": "caution", "2": "refuse", "3": "refuse"}},
+            r"safety_policy.levels.0: unknown action 'ignore'",
+        ),
+        (
+            {"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse", "4": "refuse"}},
+            r"safety_policy.levels.4: unknown level '4'",
+        ),
         ({"levels": {"0": "answer", "1": "caution", "3": "refuse"}}, r"missing actions for levels \['2'\]"),
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
-          "profiles": {"teen": {"extends": "kid"}}}, r"safety_policy.profiles.teen.extends: unknown profile 'kid'"),
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
-          "profiles": {"a": {"extends": "b"}, "b": {"extends": "a"}}}, r"'extends' cycle"),
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
-          "messages": {"refuse": {"default": "No. {because}"}}}, r"unknown placeholder\(s\) \['because'\]"),
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"}, "colour": "red"},
-         r"safety_policy.colour: unknown key"),
-        ({"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"}, "default_profile": "kids"},
-         r"safety_policy.default_profile: unknown profile 'kids'"),
+        (
+            {
+                "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
+                "profiles": {"teen": {"extends": "kid"}},
+            },
+            r"safety_policy.profiles.teen.extends: unknown profile 'kid'",
+        ),
+        (
+            {
+                "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
+                "profiles": {"a": {"extends": "b"}, "b": {"extends": "a"}},
+            },
+            r"'extends' cycle",
+        ),
+        (
+            {
+                "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
+                "messages": {"refuse": {"default": "No. {because}"}},
+            },
+            r"unknown placeholder\(s\) \['because'\]",
+        ),
+        (
+            {"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"}, "colour": "red"},
+            r"safety_policy.colour: unknown key",
+        ),
+        (
+            {"levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"}, "default_profile": "kids"},
+            r"safety_policy.default_profile: unknown profile 'kids'",
+        ),
     ],
 )
 def test_invalid_policies_raise_naming_the_key(policy_dict, match):
@@ -83,7 +111,9 @@ def test_invalid_policies_raise_naming_the_key(policy_dict, match):
 
 
 def test_unknown_profile_lists_the_known_ones(policy):
-    with pytest.raises(SafetyPolicyError, match=r"unknown safety profile 'teen'; known profiles: \['default', 'adult', "):
+    with pytest.raises(
+        SafetyPolicyError, match=r"unknown safety profile 'teen'; known profiles: \['default', 'adult', "
+    ):
         policy.action("Politics", 1, "teen")
 
 
@@ -95,13 +125,20 @@ def test_json_and_dict_round_trip(policy):
 
 
 def test_messages_spell_out_the_reason_and_are_overridable():
-    policy = SafetyPolicy.from_dict({
-        "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
-        "messages": {
-            "refuse": {"default": "No: {reason}", "types": {"Privacy": {"levels": {"3": "Never for {category}."}}}},
-            "reasons": {"Politics": "politics is off-topic here."},
+    policy = SafetyPolicy.from_dict(
+        {
+            "levels": {"0": "answer", "1": "caution", "2": "refuse", "3": "refuse"},
+            "messages": {
+                "refuse": {
+                    "default": "No: {reason}",
+                    "types": {"Privacy": {"levels": {"3": "Never for {category}."}}},
+                },
+                "reasons": {"Politics": "politics is off-topic here."},
+            },
         },
-    }, TYPES, 4)
+        TYPES,
+        4,
+    )
     assert policy.message("refuse", "Politics", 2) == "No: politics is off-topic here."
     assert policy.message("refuse", "Privacy", 3) == "Never for Privacy."
     assert policy.message("refuse", "Privacy", 2).startswith("No: It involves someone's personal")

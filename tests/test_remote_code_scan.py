@@ -38,27 +38,68 @@ MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 
 ALLOWED_STDLIB = frozenset(
     {
-        "__future__", "abc", "collections", "copy", "dataclasses", "enum", "functools", "hashlib", "itertools",
-        "json", "math", "os", "re", "string", "typing", "warnings",
+        "__future__",
+        "abc",
+        "collections",
+        "copy",
+        "dataclasses",
+        "enum",
+        "functools",
+        "hashlib",
+        "itertools",
+        "json",
+        "math",
+        "os",
+        "re",
+        "string",
+        "typing",
+        "warnings",
     }
 )
 ALLOWED_THIRD_PARTY = frozenset({"torch", "transformers", "huggingface_hub"})
 HUB_ALLOWED_NAMES = frozenset({"ModelCard", "ModelCardData", "EvalResult"})
 FORBIDDEN_MODULES = (
-    "torch.hub", "torch.package", "torch.serialization", "torch.utils.cpp_extension", "torch.utils.model_zoo",
-    "transformers.dynamic_module_utils", "transformers.utils.hub",
+    "torch.hub",
+    "torch.package",
+    "torch.serialization",
+    "torch.utils.cpp_extension",
+    "torch.utils.model_zoo",
+    "transformers.dynamic_module_utils",
+    "transformers.utils.hub",
 )
 FORBIDDEN_NAMES = frozenset(
     {
-        "hf_hub_download", "snapshot_download", "cached_file", "cached_files", "HfApi", "hf_api", "create_repo",
-        "upload_file", "upload_folder", "create_commit", "get_file_from_repo", "InferenceClient", "Repository",
-        "load_inline", "load_library", "urlopen",
+        "hf_hub_download",
+        "snapshot_download",
+        "cached_file",
+        "cached_files",
+        "HfApi",
+        "hf_api",
+        "create_repo",
+        "upload_file",
+        "upload_folder",
+        "create_commit",
+        "get_file_from_repo",
+        "InferenceClient",
+        "Repository",
+        "load_inline",
+        "load_library",
+        "urlopen",
     }
 )
 FORBIDDEN_QUALIFIED = (
-    "torch.load", "torch.save", "torch.hub", "torch.jit.load", "torch.jit.save", "torch.package",
-    "torch.serialization", "torch.utils.cpp_extension", "torch.ops.load_library", "torch.classes.load_library",
-    "transformers.dynamic_module_utils", "transformers.utils.hub",
+    "torch.load",
+    "torch.save",
+    "torch.hub",
+    "torch.jit.load",
+    "torch.jit.save",
+    "torch.package",
+    "torch.serialization",
+    "torch.utils.cpp_extension",
+    "torch.ops.load_library",
+    "torch.classes.load_library",
+    "transformers.dynamic_module_utils",
+    "transformers.utils.hub",
 )
 OS_ALLOWED = ("os.path", "os.PathLike", "os.fspath")
 FORBIDDEN_BUILTIN_NAMES = frozenset(
@@ -67,8 +108,20 @@ FORBIDDEN_BUILTIN_NAMES = frozenset(
 FORBIDDEN_ATTRIBUTES = frozenset({"__globals__", "__code__", "__subclasses__", "__builtins__", "__import__"})
 FILE_WRITE_METHODS = frozenset(
     {
-        "write_text", "write_bytes", "unlink", "rmdir", "rmtree", "mkdir", "makedirs", "touch", "chmod",
-        "symlink_to", "hardlink_to", "rename", "to_json_file", "save",
+        "write_text",
+        "write_bytes",
+        "unlink",
+        "rmdir",
+        "rmtree",
+        "mkdir",
+        "makedirs",
+        "touch",
+        "chmod",
+        "symlink_to",
+        "hardlink_to",
+        "rename",
+        "to_json_file",
+        "save",
     }
 )
 DELEGATE_ONLY_METHODS = frozenset({"save_pretrained", "push_to_hub", "_upload_modified_files"})
@@ -269,8 +322,12 @@ def test_the_code_in_a_saved_checkpoint_is_the_scanned_code(saved_safevlm):
 
 
 def _weight_like_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt",
-                                                                   ".msgpack", ".h5", ".npz", ".npy", ".safetensors"})
+    return sorted(
+        p.name
+        for p in folder.rglob("*")
+        if p.suffix
+        in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".msgpack", ".h5", ".npz", ".npy", ".safetensors"}
+    )
 
 
 def test_saved_weights_are_safetensors_only(saved_safevlm, _tiny_safevlm_pair, tmp_path):
@@ -319,7 +376,8 @@ BAD_SNIPPETS = {
     "model card load": ("from huggingface_hub import ModelCard\nModelCard.load('a/b')\n", "ModelCard.load"),
     "network from_pretrained": ("def helper(p):\n    return AutoTokenizer.from_pretrained(p)\n", "from_pretrained"),
     "nested remote code": (
-        "def from_llava(p):\n    return X.from_pretrained(p, trust_remote_code=True)\n", "trust_remote_code"
+        "def from_llava(p):\n    return X.from_pretrained(p, trust_remote_code=True)\n",
+        "trust_remote_code",
     ),
     "save_pretrained elsewhere": ("def train(m):\n    m.save_pretrained('out')\n", "save_pretrained"),
     "push_to_hub elsewhere": ("def fit(m):\n    m.push_to_hub('a/b')\n", "push_to_hub"),

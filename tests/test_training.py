@@ -38,11 +38,19 @@ def write_training_data(folder: Path, rows=QUESTIONS, text_only_every: int = 4) 
         image = None if index % text_only_every == text_only_every - 1 else f"img{index}.png"
         if image:
             make_image(index).save(folder / image)
-        lines.append(json.dumps({
-            "safe_type": safe_type, "image": image, "safe_level": level,
-            "conversations": [{"from": "USER", "value": ("<image>\n" if image else "") + question},
-                              {"from": "ASSISTANT", "value": answer}],
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "safe_type": safe_type,
+                    "image": image,
+                    "safe_level": level,
+                    "conversations": [
+                        {"from": "USER", "value": ("<image>\n" if image else "") + question},
+                        {"from": "ASSISTANT", "value": answer},
+                    ],
+                }
+            )
+        )
     path = folder / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -55,8 +63,16 @@ def train_data(tmp_path_factory):
 
 def _config(tmp_path, **overrides) -> SafeVLMTrainingConfig:
     settings = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True, report_to="none",
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
     )
     settings.update(overrides)
     return SafeVLMTrainingConfig(**settings)
@@ -82,8 +98,12 @@ def test_stage1_changes_only_the_safety_modules(tiny_safevlm, train_data, tmp_pa
     trainer.train()
     changed = _changed(before, model)
     assert changed and all(is_safety_parameter(name) for name in changed)  # every other tensor bit-identical
-    for name in ("model.safety_tokens.llm_tokens", "model.safety_tokens.head_tokens",
-                 "model.safety_projector.linear_1.weight", "model.safety_head.type_classifier.weight"):
+    for name in (
+        "model.safety_tokens.llm_tokens",
+        "model.safety_tokens.head_tokens",
+        "model.safety_projector.linear_1.weight",
+        "model.safety_head.type_classifier.weight",
+    ):
         assert name in changed  # both token sets (set 1 learns through the LM loss), projector and head
     first = trainer.state.log_history[0]
     assert {"loss", "lm_loss", "safety_loss", "safety_type_accuracy", "safety_level_accuracy"} <= set(first)
@@ -100,9 +120,15 @@ def test_stage1_balancing_and_weight_override_reach_the_trainer(tiny_safevlm, tr
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx(first["lm_loss"] + 0.5 * first["safety_loss"], rel=1e-5)
     # a datasets.Dataset of the documented format is read the same way
-    rows = [{"safe_type": t, "safe_level": lvl, "image": None,
-             "conversations": [{"from": "USER", "value": q}, {"from": "ASSISTANT", "value": a}]}
-            for t, lvl, q, a in QUESTIONS]
+    rows = [
+        {
+            "safe_type": t,
+            "safe_level": lvl,
+            "image": None,
+            "conversations": [{"from": "USER", "value": q}, {"from": "ASSISTANT", "value": a}],
+        }
+        for t, lvl, q, a in QUESTIONS
+    ]
     from_hf = SafeVLMTrainer(model, config, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
     assert len(from_hf.train_dataset) == 6 and from_hf.train_dataset.examples[0].location.endswith("row 0")
 
@@ -143,19 +169,28 @@ def test_stage2_lora_changes_no_safety_weight_and_merges_to_the_same_logits(tiny
 def test_stage2_full_trains_the_llm_but_not_embeddings_or_safety(tiny_safevlm, train_data, tmp_path):
     model, processor = tiny_safevlm
     before = _snapshot(model)
-    SafeVLMTrainer(model, _config(tmp_path, stage=2, stage2_mode="full", max_steps=2), train_dataset=train_data,
-                   processing_class=processor).train()
+    SafeVLMTrainer(
+        model,
+        _config(tmp_path, stage=2, stage2_mode="full", max_steps=2),
+        train_dataset=train_data,
+        processing_class=processor,
+    ).train()
     changed = _changed(before, model)
     assert "lm_head.weight" in changed and any(n.startswith("model.language_model.layers.") for n in changed)
-    assert all(n.startswith(("model.language_model.layers.", "model.language_model.norm.", "lm_head."))
-               for n in changed)  # no safety module, no input embedding, no vision tower or projector
+    assert all(
+        n.startswith(("model.language_model.layers.", "model.language_model.norm.", "lm_head.")) for n in changed
+    )  # no safety module, no input embedding, no vision tower or projector
 
 
 def test_stage2_rejects_lora_targets_outside_the_llm(tiny_safevlm, train_data, tmp_path):
     model, processor = tiny_safevlm
     with pytest.raises(ValueError, match=r"not linear layers of the LLM"):
-        SafeVLMTrainer(model, _config(tmp_path, stage=2, lora_target_modules=["linear_1"]),
-                       train_dataset=train_data, processing_class=processor)
+        SafeVLMTrainer(
+            model,
+            _config(tmp_path, stage=2, lora_target_modules=["linear_1"]),
+            train_dataset=train_data,
+            processing_class=processor,
+        )
 
 
 class _CrashAfter(TrainerCallback):
@@ -173,17 +208,30 @@ def test_resumed_stage1_run_ends_with_the_uninterrupted_weights(tiny_safevlm, tr
     model, processor = tiny_safevlm
     initial = copy.deepcopy(model)
     settings = dict(per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2)
-    uninterrupted = SafeVLMTrainer(copy.deepcopy(initial), _config(tmp_path / "a", **settings),
-                                   train_dataset=train_data, processing_class=processor)
+    uninterrupted = SafeVLMTrainer(
+        copy.deepcopy(initial),
+        _config(tmp_path / "a", **settings),
+        train_dataset=train_data,
+        processing_class=processor,
+    )
     uninterrupted.train()
 
-    crashed = SafeVLMTrainer(copy.deepcopy(initial), _config(tmp_path / "b", **settings), train_dataset=train_data,
-                             processing_class=processor, callbacks=[_CrashAfter(2)])
+    crashed = SafeVLMTrainer(
+        copy.deepcopy(initial),
+        _config(tmp_path / "b", **settings),
+        train_dataset=train_data,
+        processing_class=processor,
+        callbacks=[_CrashAfter(2)],
+    )
     crashed.train()
     assert crashed.state.global_step == 2
     assert (tmp_path / "b" / "out" / "checkpoint-2").is_dir()
-    resumed = SafeVLMTrainer(copy.deepcopy(initial), _config(tmp_path / "b", **settings), train_dataset=train_data,
-                             processing_class=processor)
+    resumed = SafeVLMTrainer(
+        copy.deepcopy(initial),
+        _config(tmp_path / "b", **settings),
+        train_dataset=train_data,
+        processing_class=processor,
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
     assert resumed.state.global_step == 4
     final, expected = resumed.model.state_dict(), uninterrupted.model.state_dict()
@@ -196,30 +244,77 @@ def test_cli_convert_then_train_both_stages(tiny_llava_pair, tmp_path, capsys):
     llava, llava_processor = tiny_llava_pair
     llava.save_pretrained(tmp_path / "llava")
     llava_processor.save_pretrained(tmp_path / "llava")
-    assert cli_main(["convert", "--model", str(tmp_path / "llava"), "--out", str(tmp_path / "safevlm"),
-                     "--num-safety-tokens", "4"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                "--model",
+                str(tmp_path / "llava"),
+                "--out",
+                str(tmp_path / "safevlm"),
+                "--num-safety-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     converted = SafeVLMForConditionalGeneration.from_pretrained(tmp_path / "safevlm")
     assert converted.config.num_safety_tokens == 4
     base = llava.state_dict()
     assert all(torch.equal(base[k], converted.state_dict()[k]) for k in base)
 
     data = write_training_data(tmp_path / "data")
-    common = ["--data", str(data), "--batch-size", "4", "--max-steps", "1", "--lr", "1e-3", "--seed", "0",
-              "--set", "use_cpu=True", "--set", "disable_tqdm=True"]
-    assert cli_main(["train", "--stage", "1", "--model", str(tmp_path / "safevlm"), "--out", str(tmp_path / "s1"),
-                     "--num-safe-samples", "2", "--eval-data", str(data), *common]) == 0
+    common = [
+        "--data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "0",
+        "--set",
+        "use_cpu=True",
+        "--set",
+        "disable_tqdm=True",
+    ]
+    assert (
+        cli_main(
+            [
+                "train",
+                "--stage",
+                "1",
+                "--model",
+                str(tmp_path / "safevlm"),
+                "--out",
+                str(tmp_path / "s1"),
+                "--num-safe-samples",
+                "2",
+                "--eval-data",
+                str(data),
+                *common,
+            ]
+        )
+        == 0
+    )
     output = capsys.readouterr().out
     assert "Stage 1: 7 training rows" in output and '"eval_safety_type_accuracy"' in output
     stage1 = SafeVLMForConditionalGeneration.from_pretrained(tmp_path / "s1")
     assert not torch.equal(stage1.model.safety_head.query, converted.model.safety_head.query)
 
-    assert cli_main(["train", "--stage", "2", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"),
-                     *common]) == 0
+    assert (
+        cli_main(["train", "--stage", "2", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), *common])
+        == 0
+    )
     assert (tmp_path / "s2" / "adapter" / "adapter_config.json").is_file()
     stage2 = SafeVLMForConditionalGeneration.from_pretrained(tmp_path / "s2")
     assert torch.equal(stage2.model.safety_head.query, stage1.model.safety_head.query)
-    assert not torch.equal(stage2.model.language_model.layers[0].self_attn.q_proj.weight,
-                           stage1.model.language_model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        stage2.model.language_model.layers[0].self_attn.q_proj.weight,
+        stage1.model.language_model.layers[0].self_attn.q_proj.weight,
+    )
     exported = {p.name for p in (tmp_path / "s2").iterdir()}
     assert {"model.safetensors", "config.json", "modeling_safevlm.py", "tokenizer.json"} <= exported
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in exported)  # no pickles exported
@@ -240,8 +335,23 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_llava_pair, saved_safevlm, 
     assert f"{data}, line 5: safe_level 7 is out of range" in capsys.readouterr().err
     assert cli_main([*train, "--model", str(saved_safevlm), "--set", "no_such_option=1"]) == 2
     assert "no_such_option" in capsys.readouterr().err
-    assert cli_main([*train, "--model", str(saved_safevlm), "--skip-bad-rows", "--batch-size", "2",
-                     "--set", "use_cpu=True", "--set", "disable_tqdm=True"]) == 0
+    assert (
+        cli_main(
+            [
+                *train,
+                "--model",
+                str(saved_safevlm),
+                "--skip-bad-rows",
+                "--batch-size",
+                "2",
+                "--set",
+                "use_cpu=True",
+                "--set",
+                "disable_tqdm=True",
+            ]
+        )
+        == 0
+    )
     output = capsys.readouterr().out
     assert "skipped 1 bad row(s)" in output and f"{data}, line 5: safe_level 7 is out of range" in output
     assert "Stage 1: 7 training rows" in output

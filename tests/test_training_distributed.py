@@ -35,16 +35,54 @@ def _losses(out: Path) -> list[float]:
 def test_two_process_stage1_matches_one_process(saved_safevlm, tmp_path):
     # 4 rows (one text-only) and a global batch of 4: every step sees the same rows either way.
     data = write_training_data(tmp_path / "data", rows=QUESTIONS[:4])
-    common = ["train", "--stage", "1", "--model", str(saved_safevlm), "--data", str(data), "--max-steps", "3",
-              "--lr", "1e-3", "--seed", "0", "--logging-steps", "1", "--set", "use_cpu=True",
-              "--set", "disable_tqdm=True"]
+    common = [
+        "train",
+        "--stage",
+        "1",
+        "--model",
+        str(saved_safevlm),
+        "--data",
+        str(data),
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "0",
+        "--logging-steps",
+        "1",
+        "--set",
+        "use_cpu=True",
+        "--set",
+        "disable_tqdm=True",
+    ]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "safevlm_hf.cli"]
-    run = subprocess.run([*launch, *common, "--out", str(tmp_path / "two"), "--batch-size", "2"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "safevlm_hf.cli",
+    ]
+    run = subprocess.run(
+        [*launch, *common, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("Saved the stage 1 model") == 1  # the main process reports and exports, once
     state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())

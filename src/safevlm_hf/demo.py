@@ -110,8 +110,18 @@ def _is_refusal(record: dict[str, Any]) -> bool:
 def remote_gating(checkpoint: Path, data: Path, levels, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
     """Run `remote_check.py` on `checkpoint` in a fresh process where `safevlm_hf` cannot be imported."""
     script = Path(__file__).with_name("remote_check.py")
-    command = [sys.executable, str(script), str(checkpoint), str(data), "--levels", *map(str, levels),
-               "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size)]
+    command = [
+        sys.executable,
+        str(script),
+        str(checkpoint),
+        str(data),
+        "--levels",
+        *map(str, levels),
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--batch-size",
+        str(batch_size),
+    ]
     run = subprocess.run(command, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise RuntimeError(f"Loading {checkpoint} with trust_remote_code failed:\n{run.stderr[-4000:]}")
@@ -142,8 +152,12 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     torch.manual_seed(settings.seed)
 
     print("[1/6] Synthesizing the labelled image-text safety dataset ...")
-    train_path = synthetic.write_jsonl(synthetic.make_rows(settings.train_repeats, settings.seed, False), out / "train.jsonl")
-    test_path = synthetic.write_jsonl(synthetic.make_rows(settings.test_repeats, settings.seed + 1, True), out / "test.jsonl")
+    train_path = synthetic.write_jsonl(
+        synthetic.make_rows(settings.train_repeats, settings.seed, False), out / "train.jsonl"
+    )
+    test_path = synthetic.write_jsonl(
+        synthetic.make_rows(settings.test_repeats, settings.seed + 1, True), out / "test.jsonl"
+    )
     train, test = load_safety_json(train_path), load_safety_json(test_path)
     print(f"      {len(train)} training rows, {len(test)} held-out rows -> {train_path}")
 
@@ -167,8 +181,11 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     )
     print("[3/6] Stage I: training the safety projector, safety tokens and safety head (backbone frozen) ...")
     stage1 = SafeVLMTrainingConfig(
-        output_dir=str(out / "stage1"), stage=1, num_train_epochs=settings.stage1_epochs,
-        learning_rate=settings.stage1_learning_rate, **common,
+        output_dir=str(out / "stage1"),
+        stage=1,
+        num_train_epochs=settings.stage1_epochs,
+        learning_rate=settings.stage1_learning_rate,
+        **common,
     )
     model = _train(model, processor, train, stage1)
     type_accuracy, level_accuracy = head_accuracy(model, processor, test, settings.batch_size)
@@ -176,13 +193,27 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
 
     print("[4/6] Stage II: LoRA on the LLM with policy-following answers (safety modules frozen) ...")
     stage2 = SafeVLMTrainingConfig(
-        output_dir=str(out / "stage2"), stage=2, stage2_mode="lora", num_train_epochs=settings.stage2_epochs,
-        learning_rate=settings.stage2_learning_rate, lora_r=16, lora_alpha=32, lora_dropout=0.0, **common,
+        output_dir=str(out / "stage2"),
+        stage=2,
+        stage2_mode="lora",
+        num_train_epochs=settings.stage2_epochs,
+        learning_rate=settings.stage2_learning_rate,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        **common,
     )
     model = merge_stage2(_train(model, processor, stage2_subset(train, settings.seed), stage2)).eval()
     model.config.safety_training_stages = [
-        {"stage": 1, "data": "synthetic (demo)", "epochs": settings.stage1_epochs,
-         "metrics": {"heldout_type_accuracy": round(type_accuracy, 4), "heldout_level_accuracy": round(level_accuracy, 4)}},
+        {
+            "stage": 1,
+            "data": "synthetic (demo)",
+            "epochs": settings.stage1_epochs,
+            "metrics": {
+                "heldout_type_accuracy": round(type_accuracy, 4),
+                "heldout_level_accuracy": round(level_accuracy, 4),
+            },
+        },
         {"stage": 2, "data": "synthetic (demo), policy-conditioned", "epochs": settings.stage2_epochs, "mode": "lora"},
     ]
 
@@ -191,10 +222,13 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
 
-    print("[6/6] Reloading it with trust_remote_code=True in a process without safevlm_hf; gated generation on "
-          "held-out prompts ...")
-    remote = remote_gating(checkpoint, test_path, levels=(0, 1, 3), max_new_tokens=settings.max_new_tokens,
-                           batch_size=settings.batch_size)
+    print(
+        "[6/6] Reloading it with trust_remote_code=True in a process without safevlm_hf; gated generation on "
+        "held-out prompts ..."
+    )
+    remote = remote_gating(
+        checkpoint, test_path, levels=(0, 1, 3), max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size
+    )
     remote_class = remote["class"]
     records_level3 = [r for r in remote["records"] if r["label"]["safe_level"] == 3]
     records_safe = [r for r in remote["records"] if r["label"]["safe_level"] == 0]

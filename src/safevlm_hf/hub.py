@@ -39,7 +39,11 @@ logger = logging.get_logger(__name__)
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # Files a tokenizer may be saved as; at least one vocabulary file must be there.
 TOKENIZER_VOCAB_FILES: tuple[str, ...] = (
-    "tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt"
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
 )
 TOKENIZER_EXTRA_FILES: tuple[str, ...] = ("special_tokens_map.json", "added_tokens.json", "merges.txt")
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

@@ -58,21 +58,30 @@ def main(argv: list[str] | None = None) -> int:
             user = next(t["value"] for t in row["conversations"] if t["from"].upper() == "USER")
             users.append(user.replace("<image>", "").strip())
             content = [{"type": "image"}, {"type": "text", "text": users[-1]}]
-            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+            texts.append(
+                processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            )
             images.append(Image.open(data.parent / row["image"]).convert("RGB"))
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                    return_dict_in_generate=True)
+            output = model.generate(
+                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True
+            )
         answers = processor.batch_decode(output.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for row, user, verdict, answer in zip(batch, users, output.safety_verdicts, answers):
-            records.append({
-                "prompt": user,
-                "label": {"safe_type": row["safe_type"], "safe_level": row["safe_level"]},
-                "verdict": {"category": verdict.category, "level": verdict.level, "action": verdict.action,
-                            "message": verdict.message},
-                "answer": answer.strip(),
-            })
+            records.append(
+                {
+                    "prompt": user,
+                    "label": {"safe_type": row["safe_type"], "safe_level": row["safe_level"]},
+                    "verdict": {
+                        "category": verdict.category,
+                        "level": verdict.level,
+                        "action": verdict.action,
+                        "message": verdict.message,
+                    },
+                    "answer": answer.strip(),
+                }
+            )
     print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}", "records": records}))
     return 0
 

@@ -66,7 +66,9 @@ class SafeVLMDataCollator:
     def _render(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str:
         return self.processor.apply_chat_template(conversation, tokenize=False, **kwargs)
 
-    def assistant_spans(self, conversation: list[dict[str, Any]], location: str = "") -> tuple[str, list[tuple[int, int]]]:
+    def assistant_spans(
+        self, conversation: list[dict[str, Any]], location: str = ""
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans ``[start, end)`` of its assistant turns."""
         text = self._render(conversation)
         spans = []
@@ -107,7 +109,9 @@ class SafeVLMDataCollator:
         for row, feature in enumerate(features):
             image = feature.get("image")
             location = feature.get("location") or f"batch row {row}"
-            conversation = chat_messages(feature["messages"], feature.get("image_turn", 0) if image is not None else None)
+            conversation = chat_messages(
+                feature["messages"], feature.get("image_turn", 0) if image is not None else None
+            )
             text, spans = self.assistant_spans(conversation, location)
             texts.append(text)
             all_spans.append(spans)

@@ -163,9 +163,7 @@ def normalize_conversation(
         placeholders = text.count(IMAGE_PLACEHOLDER)
         if placeholders:
             if role != "user" or placeholders > 1 or image_turn is not None:
-                raise SafetyDataError(
-                    f"{where}: '<image>' may appear once per row, in a USER turn. {_SKIP_HINT}"
-                )
+                raise SafetyDataError(f"{where}: '<image>' may appear once per row, in a USER turn. {_SKIP_HINT}")
             if not has_image:
                 raise SafetyDataError(
                     f"{where}: the text has an '<image>' placeholder but the row has no image. {_SKIP_HINT}"
@@ -202,7 +200,9 @@ def parse_safety_row(
     if not isinstance(row, Mapping):
         raise SafetyDataError(f"{location}: a row must be a JSON object, got {type(row).__name__}. {_SKIP_HINT}")
     safe_type = _check_label(row, "safe_type", len(safety_types), location, _type_meaning(safety_types))
-    safe_level = _check_label(row, "safe_level", num_levels, location, f"0 = safe to answer ... {num_levels - 1} = reject")
+    safe_level = _check_label(
+        row, "safe_level", num_levels, location, f"0 = safe to answer ... {num_levels - 1} = reject"
+    )
     messages, image_turn = normalize_conversation(row.get("conversations"), location, has_image=image is not None)
     if image is not None and check_images:
         check_image(image, location)
@@ -281,7 +281,7 @@ def collect_rows(rows: Iterable[tuple[str, Any]], parse, skip_bad_rows: bool, na
                 raise
             reason = str(err)
             prefix = f"{location}: "
-            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
             skipped.append(BadRow(location, reason.replace(" " + _SKIP_HINT, "")))
             continue
         examples.extend(parsed if isinstance(parsed, list) else [parsed])
@@ -291,7 +291,8 @@ def collect_rows(rows: Iterable[tuple[str, Any]], parse, skip_bad_rows: bool, na
         logger.warning(f"Skipped {len(skipped)} bad row(s) of {name}: {shown}{more}")
     if not examples:
         raise SafetyDataError(
-            f"{name}: no usable rows" + (f" ({len(skipped)} bad row(s) skipped: {skipped[0]})" if skipped else "")
+            f"{name}: no usable rows"
+            + (f" ({len(skipped)} bad row(s) skipped: {skipped[0]})" if skipped else "")
             + "."
         )
     return SafetyDataset(examples, skipped, name)
@@ -300,7 +301,9 @@ def collect_rows(rows: Iterable[tuple[str, Any]], parse, skip_bad_rows: bool, na
 def safe_type_index(safety_types: Sequence[str] = DEFAULT_SAFETY_TYPES) -> int:
     """Index of the safe label (``"Safe"``) in a label list."""
     if SAFE_TYPE not in safety_types:
-        raise ValueError(f"The label list {list(safety_types)} has no {SAFE_TYPE!r} type; cannot tell safe rows apart.")
+        raise ValueError(
+            f"The label list {list(safety_types)} has no {SAFE_TYPE!r} type; cannot tell safe rows apart."
+        )
     return list(safety_types).index(SAFE_TYPE)
 
 

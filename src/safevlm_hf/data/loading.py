@@ -61,7 +61,9 @@ def _json_list_rows(path: Path) -> Iterator[tuple[str, Any]]:
         with open(path, encoding="utf-8-sig") as handle:
             data = json.load(handle)
     except json.JSONDecodeError as err:
-        raise SafetyDataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}).") from None
+        raise SafetyDataError(
+            f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})."
+        ) from None
     if not isinstance(data, list):
         raise SafetyDataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}.")
     if data and isinstance(data[0], dict) and "instr-resp" in data[0]:
@@ -117,7 +119,9 @@ def _hf_image(value: Any, image_root: str | os.PathLike | None, location: str) -
         return _resolve_path_image(value, image_root, location)
     if isinstance(value, Image.Image):
         return value
-    raise SafetyDataError(f"{location}: unsupported image value of type {type(value).__name__}; use a path or an image.")
+    raise SafetyDataError(
+        f"{location}: unsupported image value of type {type(value).__name__}; use a path or an image."
+    )
 
 
 def safety_dataset_from_hf(
@@ -183,7 +187,7 @@ def load_safety_dataset(
         if text.startswith(VLGUARD_PREFIX):
             from .vlguard import load_vlguard
 
-            return load_vlguard(text[len(VLGUARD_PREFIX):], safety_types=safety_types, **options)
+            return load_vlguard(text[len(VLGUARD_PREFIX) :], safety_types=safety_types, **options)
         return load_safety_json(text, safety_types=safety_types, num_levels=num_levels, **options)
     import datasets
 

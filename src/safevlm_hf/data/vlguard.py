@@ -101,7 +101,9 @@ def load_vlguard(
         with open(path, encoding="utf-8") as handle:
             entries = json.load(handle)
     except json.JSONDecodeError as err:
-        raise SafetyDataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).") from None
+        raise SafetyDataError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from None
     if not isinstance(entries, list):
         raise SafetyDataError(f"{path}: a VLGuard file holds a JSON list of entries, got {type(entries).__name__}.")
 
@@ -132,7 +134,9 @@ def load_vlguard(
         if missing:
             raise SafetyDataError(f"{location}: missing key(s) {missing}.")
         if not isinstance(entry["image"], str) or not entry["image"]:
-            raise SafetyDataError(f"{location}: 'image' must be a path such as 'bad_ads/x.png', got {entry['image']!r}.")
+            raise SafetyDataError(
+                f"{location}: 'image' must be a path such as 'bad_ads/x.png', got {entry['image']!r}."
+            )
         image = str((root / entry["image"]).absolute())
         pairs = entry["instr-resp"]
         if not isinstance(entry["safe"], bool) or not isinstance(pairs, list):
@@ -145,10 +149,17 @@ def load_vlguard(
                     f"{location}: a safe image's 'instr-resp' must be [{{safe_instruction, response}}, "
                     f"{{unsafe_instruction, response}}], got keys {keys}."
                 )
-            rows_out.append((_text(pairs[0], "safe_instruction", location), _text(pairs[0], "response", location),
-                             safe_index, 0))
-            rows_out.append((_text(pairs[1], "unsafe_instruction", location), _text(pairs[1], "response", location),
-                             unsafe_text_type, unsafe_instruction_level))
+            rows_out.append(
+                (_text(pairs[0], "safe_instruction", location), _text(pairs[0], "response", location), safe_index, 0)
+            )
+            rows_out.append(
+                (
+                    _text(pairs[1], "unsafe_instruction", location),
+                    _text(pairs[1], "response", location),
+                    unsafe_text_type,
+                    unsafe_instruction_level,
+                )
+            )
         else:
             if len(pairs) != 1 or not isinstance(pairs[0], dict):
                 raise SafetyDataError(
@@ -164,8 +175,14 @@ def load_vlguard(
                     "(pass category_map= to extend the table)."
                 )
             name, level = mapped
-            rows_out.append((_text(pairs[0], "instruction", location), _text(pairs[0], "response", location),
-                             type_index(name, location), level))
+            rows_out.append(
+                (
+                    _text(pairs[0], "instruction", location),
+                    _text(pairs[0], "response", location),
+                    type_index(name, location),
+                    level,
+                )
+            )
         if check_images:
             check_image(image, location)
         return [

@@ -420,7 +420,10 @@ def load_vlguard(
             return found[0]
 
         if entry["safe"]:
-            prompts = {"safe_safes": instruction("safe_instruction"), "safe_unsafes": instruction("unsafe_instruction")}
+            prompts = {
+                "safe_safes": instruction("safe_instruction"),
+                "safe_unsafes": instruction("unsafe_instruction"),
+            }
         else:
             prompts = {"unsafes": instruction("instruction")}
         image_path = root / entry["image"]
@@ -600,7 +603,9 @@ def parse_benchmark_spec(spec: str) -> tuple[str, str, str | None]:
     if sep and tail in options[name]:
         return name, head, tail
     if sep and not Path(rest).exists() and Path(head).exists():
-        raise ValueError(f"Unknown option {tail!r} for benchmark {name!r} in {spec!r}; options: {list(options[name])}.")
+        raise ValueError(
+            f"Unknown option {tail!r} for benchmark {name!r} in {spec!r}; options: {list(options[name])}."
+        )
     return name, rest, None
 
 

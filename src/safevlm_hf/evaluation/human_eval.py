@@ -85,7 +85,9 @@ def export_ab_pairs(
     table_a, table_b = _by_id(records_a, model_a), _by_id(records_b, model_b)
     shared = [key for key in table_a if key in table_b]
     if not shared:
-        raise HumanEvalError(f"{model_a!r} and {model_b!r} have no item ids in common; were they run on one benchmark?")
+        raise HumanEvalError(
+            f"{model_a!r} and {model_b!r} have no item ids in common; were they run on one benchmark?"
+        )
     rng = random.Random(seed)
     pairs, key = [], {}
     for number, item_id in enumerate(shared, start=1):

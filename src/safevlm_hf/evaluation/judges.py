@@ -363,7 +363,9 @@ class HFJudge(Judge):
             self._unsafe_indices = self._classifier_unsafe_indices(unsafe_labels)
         else:
             if use_chat_template and not getattr(tokenizer, "chat_template", None):
-                raise JudgeError(f"use_chat_template=True but the tokenizer of {self.model_id!r} has no chat template.")
+                raise JudgeError(
+                    f"use_chat_template=True but the tokenizer of {self.model_id!r} has no chat template."
+                )
             safe_ids, unsafe_ids = _first_token_ids(tokenizer, "safe"), _first_token_ids(tokenizer, "unsafe")
             shared = safe_ids & unsafe_ids
             self._safe_ids, self._unsafe_ids = sorted(safe_ids - shared), sorted(unsafe_ids - shared)
@@ -787,7 +789,9 @@ class OpenAIChatJudge(Judge):
         risk_type = risk_type_for(item.category)
         rubric = self.rubrics.get(risk_type, self.generic_rubric) if risk_type else self.generic_rubric
         category = risk_type or item.category or "unspecified"
-        user = self.prompt_template.format(category=category, rubric=rubric, prompt=item.prompt, response=item.response)
+        user = self.prompt_template.format(
+            category=category, rubric=rubric, prompt=item.prompt, response=item.response
+        )
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
 
     # ------------------------------------------------------------------------------------------------------ cache

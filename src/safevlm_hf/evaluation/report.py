@@ -33,7 +33,17 @@ from .runner import EvaluationResult
 
 
 REPORT_SCHEMA_VERSION = 1
-_PACKAGES = ("safevlm-hf", "torch", "transformers", "tokenizers", "accelerate", "peft", "numpy", "pillow", "matplotlib")
+_PACKAGES = (
+    "safevlm-hf",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "peft",
+    "numpy",
+    "pillow",
+    "matplotlib",
+)
 # Keys of config.to_dict() that record who saved or loaded the config, not what the model is (the dtype a model was
 # loaded in is reported on its own, as model.dtype).
 _CONFIG_HASH_EXCLUDED = ("transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype")
@@ -275,7 +285,9 @@ def write_report(
         for source, table in metrics["by_category"].items():
             path = plot_category_rates(table, out / f"rates_{source}.png", title=f"{source}: rates per category")
             plot_files.append(path.name)
-        path = plot_category_rates(metrics["by_risk_type"], out / "rates_by_risk_type.png", title="Rates per risk type")
+        path = plot_category_rates(
+            metrics["by_risk_type"], out / "rates_by_risk_type.png", title="Rates per risk type"
+        )
         plot_files.append(path.name)
         verdicts = metrics.get("verdicts")
         if verdicts and verdicts.get("type_vs_benchmark"):

@@ -242,7 +242,9 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], safety_types: Sequence
     return {
         "overall": generation_metrics(records),
         "by_source": {name: generation_metrics(rows) for name, rows in sorted(by_source.items())},
-        "by_category": {name: grouped_generation_metrics(rows, "category") for name, rows in sorted(by_source.items())},
+        "by_category": {
+            name: grouped_generation_metrics(rows, "category") for name, rows in sorted(by_source.items())
+        },
         "by_risk_type": grouped_generation_metrics(records, "risk_type"),
         "verdicts": verdict_metrics(records, safety_types) if safety_types else None,
     }

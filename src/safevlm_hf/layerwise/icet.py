@@ -154,9 +154,7 @@ def generate_at_layer(
         generate_kwargs["safety_gating"] = gating
     tokenizer = getattr(processor, "tokenizer", processor)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    output = model.generate(
-        **inputs, vision_feature_layer=layer, max_new_tokens=max_new_tokens, **generate_kwargs
-    )
+    output = model.generate(**inputs, vision_feature_layer=layer, max_new_tokens=max_new_tokens, **generate_kwargs)
     sequences = output.sequences if hasattr(output, "sequences") else output
     return sequences[:, inputs["input_ids"].shape[1] :]
 

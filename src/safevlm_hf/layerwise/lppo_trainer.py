@@ -507,8 +507,13 @@ class LPPOTrainer:
             chunk = items[start : start + batch_size]
             inputs = encode_items(self.processor, chunk, self.device)
             tokens = generate_at_layer(
-                self.policy, self.processor, inputs, layer, max_new_tokens=self.config.max_new_tokens,
-                gating=False if self.is_safevlm else None, do_sample=False,
+                self.policy,
+                self.processor,
+                inputs,
+                layer,
+                max_new_tokens=self.config.max_new_tokens,
+                gating=False if self.is_safevlm else None,
+                do_sample=False,
                 suppress_tokens=self.banned_token_ids or None,
             )
             texts = decode_responses(self.processor, tokens)

@@ -153,9 +153,7 @@ def encode_items(processor: Any, items: Sequence[Any], device: torch.device | st
     images = [item_image(item) for item in items]
     texts = [chat_text(processor, item.prompt, image is not None) for item, image in zip(items, images)]
     present = [image for image in images if image is not None]
-    inputs = processor(
-        images=present or None, text=texts, return_tensors="pt", padding=True, padding_side="left"
-    )
+    inputs = processor(images=present or None, text=texts, return_tensors="pt", padding=True, padding_side="left")
     if device is None:
         return dict(inputs)
     return {key: value.to(device) if hasattr(value, "to") else value for key, value in inputs.items()}

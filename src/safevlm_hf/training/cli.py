@@ -105,10 +105,16 @@ def _add_train_parser(subparsers) -> None:
         "--data", required=True, help="Training data: a .jsonl/.json file of the documented format, or vlguard:PATH."
     )
     parser.add_argument("--out", required=True, help="Output folder: checkpoint-N folders and the final model.")
-    parser.add_argument("--eval-data", default=None, help="Held-out data (same forms as --data), evaluated at the end.")
-    parser.add_argument("--image-root", default=None, help="Folder of relative image paths (default: the data file's).")
     parser.add_argument(
-        "--skip-bad-rows", action="store_true", help="Skip, count and report bad rows instead of stopping at the first."
+        "--eval-data", default=None, help="Held-out data (same forms as --data), evaluated at the end."
+    )
+    parser.add_argument(
+        "--image-root", default=None, help="Folder of relative image paths (default: the data file's)."
+    )
+    parser.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="Skip, count and report bad rows instead of stopping at the first.",
     )
     parser.add_argument(
         "--num-safe-samples", type=int, default=None, help="Stage 1 balancing: all risky rows + N sampled safe rows."
@@ -163,22 +169,38 @@ def build_training_config(args: argparse.Namespace):
     from .config import SafeVLMTrainingConfig
 
     argv = [
-        "--output_dir", str(args.out),
-        "--stage", str(args.stage),
-        "--stage2_mode", args.stage2_mode,
-        "--lora_r", str(args.lora_r),
-        "--lora_alpha", str(args.lora_alpha),
-        "--lora_dropout", str(args.lora_dropout),
-        "--stage2_conditioning", str(not args.no_conditioning),
-        "--num_train_epochs", str(args.epochs),
-        "--max_steps", str(args.max_steps),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--per_device_eval_batch_size", str(args.batch_size),
-        "--gradient_accumulation_steps", str(args.grad_accum),
-        "--learning_rate", str(args.lr),
-        "--seed", str(args.seed),
-        "--save_steps", str(args.save_steps),
-        "--logging_steps", str(args.logging_steps),
+        "--output_dir",
+        str(args.out),
+        "--stage",
+        str(args.stage),
+        "--stage2_mode",
+        args.stage2_mode,
+        "--lora_r",
+        str(args.lora_r),
+        "--lora_alpha",
+        str(args.lora_alpha),
+        "--lora_dropout",
+        str(args.lora_dropout),
+        "--stage2_conditioning",
+        str(not args.no_conditioning),
+        "--num_train_epochs",
+        str(args.epochs),
+        "--max_steps",
+        str(args.max_steps),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--per_device_eval_batch_size",
+        str(args.batch_size),
+        "--gradient_accumulation_steps",
+        str(args.grad_accum),
+        "--learning_rate",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+        "--save_steps",
+        str(args.save_steps),
+        "--logging_steps",
+        str(args.logging_steps),
     ]
     optional = {
         "lora_target_modules": args.lora_target_modules,
@@ -198,7 +220,9 @@ def build_training_config(args: argparse.Namespace):
     parser = HfArgumentParser(SafeVLMTrainingConfig)
     (config, unknown) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        raise ValueError(f"unknown training option(s) {unknown}; see SafeVLMTrainingConfig / TrainingArguments fields.")
+        raise ValueError(
+            f"unknown training option(s) {unknown}; see SafeVLMTrainingConfig / TrainingArguments fields."
+        )
     return config
 
 

@@ -67,10 +67,13 @@ class SafeVLMTrainingConfig(TrainingArguments):
     stage: Literal[1, 2] = field(default=1, metadata={"help": "1: train the safety modules; 2: train the LLM."})
     safety_loss_weight: float | None = field(
         default=None,
-        metadata={"help": "Weight of CE(type) + CE(level) in the loss. Defaults to the model's config.safety_loss_weight."},
+        metadata={
+            "help": "Weight of CE(type) + CE(level) in the loss. Defaults to the model's config.safety_loss_weight."
+        },
     )
     stage2_mode: Literal["lora", "full"] = field(
-        default="lora", metadata={"help": "Stage II: 'lora' adapters on the LLM's linear layers, or 'full' LLM training."}
+        default="lora",
+        metadata={"help": "Stage II: 'lora' adapters on the LLM's linear layers, or 'full' LLM training."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -81,14 +84,18 @@ class SafeVLMTrainingConfig(TrainingArguments):
     )
     stage2_conditioning: bool = field(
         default=True,
-        metadata={"help": "Stage II: rewrite assistant turns to follow the safety policy (refusals, caution prefixes)."},
+        metadata={
+            "help": "Stage II: rewrite assistant turns to follow the safety policy (refusals, caution prefixes)."
+        },
     )
     safety_profile: str | None = field(
         default=None, metadata={"help": "Policy profile for Stage II conditioning (default: the policy's default)."}
     )
     num_safe_samples: int | None = field(
         default=None,
-        metadata={"help": "Stage I balancing: all risky rows plus this many sampled safe rows (seeded). None: all rows."},
+        metadata={
+            "help": "Stage I balancing: all risky rows plus this many sampled safe rows (seeded). None: all rows."
+        },
     )
     max_length: int | None = field(
         default=None, metadata={"help": "Longest allowed row in tokens; longer rows raise an error. None: no limit."}

@@ -59,7 +59,9 @@ def freeze_for_full_stage2(model: SafeVLMForConditionalGeneration) -> list[str]:
     """
     model = unwrap_safevlm(model)
     for name, parameter in model.named_parameters():
-        train = (name.startswith(LLM_PREFIX) and not name.startswith(LLM_INPUT_EMBEDDINGS)) or name.startswith("lm_head.")
+        train = (name.startswith(LLM_PREFIX) and not name.startswith(LLM_INPUT_EMBEDDINGS)) or name.startswith(
+            "lm_head."
+        )
         parameter.requires_grad_(train)
     # Tied weights are one Parameter reached under two names: freezing the embeddings must win.
     model.get_input_embeddings().weight.requires_grad_(False)

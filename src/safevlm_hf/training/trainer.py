@@ -136,7 +136,9 @@ class SafeVLMTrainer(Trainer):
             )
         if not isinstance(dataset, SafetyDataset):
             if args.num_safe_samples is not None and is_train:
-                raise ValueError("num_safe_samples balancing needs a SafetyDataset (or a datasets.Dataset) to train on.")
+                raise ValueError(
+                    "num_safe_samples balancing needs a SafetyDataset (or a datasets.Dataset) to train on."
+                )
             return dataset
         for example in dataset.examples:  # the data may have been loaded for another label space
             if example.safe_type is not None and example.safe_type >= len(config.safety_types):
@@ -264,13 +266,16 @@ class SafeVLMTrainer(Trainer):
                     (outputs.safety_level_logits, level_labels, counts[2]),
                 ):
                     if target is not None and bool((target != IGNORE_INDEX).any()):
-                        ce = F.cross_entropy(logits.float(), target.to(logits.device), ignore_index=IGNORE_INDEX,
-                                             reduction="sum")
+                        ce = F.cross_entropy(
+                            logits.float(), target.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum"
+                        )
                         safety_term = safety_term + ce / count
             loss = scale * (lm_term + weight * safety_term)
         else:
             loss = (lm_mean if local_tokens > 0 else zero) + weight * safety_mean
-        self._record_stats(mode, lm_mean if local_tokens > 0 else None, safety_mean, outputs, type_labels, level_labels)
+        self._record_stats(
+            mode, lm_mean if local_tokens > 0 else None, safety_mean, outputs, type_labels, level_labels
+        )
         return (loss, outputs) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------------------------- logging
