@@ -510,13 +510,8 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         if compute_safety is None:
             compute_safety = past_key_values is None or past_key_values.get_seq_length() == 0
 
-        placeholder_mask = None
         if image_outputs is not None:
-            if inputs_embeds is None:
-                placeholder_mask = input_ids == self.config.image_token_id
-            else:
-                placeholder_mask = self._image_placeholder_mask(None, inputs_embeds)
-            self._check_placeholders(placeholder_mask, image_outputs)
+            self._check_placeholders(self._image_placeholder_mask(input_ids, inputs_embeds), image_outputs)
 
         outputs = super().forward(
             input_ids=input_ids,
@@ -626,10 +621,8 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in load_kwargs
             }
             base_config = AutoConfig.from_pretrained(model_or_path, **config_kwargs)
-            config = SafeVLMConfig.from_llava_config(base_config, **overrides)
-            config.safety_base_model = overrides.get("safety_base_model", str(model_or_path))
-            model = cls.from_pretrained(model_or_path, config=config, **load_kwargs)
-            return model
+            config = SafeVLMConfig.from_llava_config(base_config, **overrides)  # records safety_base_model
+            return cls.from_pretrained(model_or_path, config=config, **load_kwargs)
         if load_kwargs:
             raise TypeError(
                 f"from_llava got unknown keyword(s) {sorted(load_kwargs)} for an in-memory model; pass SafeVLMConfig "

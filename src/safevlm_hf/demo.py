@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from . import synthetic
 from .data import load_safety_json
+from .evaluation import evaluate_head
 from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration
 from .modeling.processing_safevlm import SafeVLMProcessor
 from .tiny import TinyLlavaSpec, build_tiny_llava
@@ -64,41 +64,6 @@ class DemoResult:
     remote_code_class: str
     seconds: float
     conversations: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _prompt(processor, text: str) -> str:
-    content = [{"type": "image"}, {"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def _user_text(example) -> str:
-    return next(m["content"] for m in example.messages if m["role"] == "user")
-
-
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-@torch.no_grad()
-def head_accuracy(model, processor, dataset, batch_size: int) -> tuple[float, float]:
-    """Type and level accuracy of the safety head on a labelled dataset (classify-only path, no decoding)."""
-    from .data.examples import load_image
-
-    model.eval()
-    type_hits = level_hits = 0
-    examples = list(dataset.examples)
-    for batch in tqdm(list(_batches(examples, batch_size)), desc="held-out head accuracy", leave=False):
-        inputs = processor(
-            images=[load_image(e.image, e.location) for e in batch],
-            text=[_prompt(processor, _user_text(e)) for e in batch],
-            return_tensors="pt",
-            padding=True,
-        )
-        prediction = model.predict_safety(**inputs)
-        type_hits += sum(int(p == e.safe_type) for p, e in zip(prediction.type_probs.argmax(-1).tolist(), batch))
-        level_hits += sum(int(p == e.safe_level) for p, e in zip(prediction.level_probs.argmax(-1).tolist(), batch))
-    return type_hits / len(examples), level_hits / len(examples)
 
 
 def _is_refusal(record: dict[str, Any]) -> bool:
@@ -188,7 +153,8 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         **common,
     )
     model = _train(model, processor, train, stage1)
-    type_accuracy, level_accuracy = head_accuracy(model, processor, test, settings.batch_size)
+    head = evaluate_head(model, processor, test.examples, batch_size=settings.batch_size)
+    type_accuracy, level_accuracy = head["type"]["accuracy"], head["level"]["accuracy"]
     print(f"      held-out head accuracy: type {type_accuracy:.3f}, level {level_accuracy:.3f}")
 
     print("[4/6] Stage II: LoRA on the LLM with policy-following answers (safety modules frozen) ...")
