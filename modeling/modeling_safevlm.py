@@ -13,61 +13,129 @@ sibling files. Architecture, on top of an untouched LLaVA:
 
 The head reads token embeddings, not LLM states, so a verdict costs one vision pass plus the small head: ``generate``
 computes it once before the first token and gates decoding with :class:`SafetyGateLogitsProcessor`.
+
+This file subclasses LLaVA and overrides only what SafeVLM changes: the image features (set 1 appended, safety
+features beside them), ``forward`` (safety logits and loss added to LLaVA's outputs) and ``generate`` (the gate).
+Everything it uses from transformers beyond the public API is listed in ``TRANSFORMERS_INTERNALS`` with the reason,
+and a test fails when the code starts using a name that is not listed there.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import transformers
 from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
-from transformers.models.auto import AutoModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaModelOutputWithPast,
-    LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_safevlm import SafeVLMConfig
 from .gating_safevlm import SafetyGateLogitsProcessor
-from .modelcard_safevlm import write_model_card
 from .policy_safevlm import SafetyPolicy, SafetyVerdict
 from .processing_safevlm import SafeVLMProcessor  # noqa: F401  (a relative import, so save_pretrained copies the file)
 
 
 logger = logging.get_logger(__name__)
 
+# What this file takes from transformers beyond the names exported at the top level, and why. A checkpoint's code is
+# frozen at save time and runs under whatever transformers its user has, so every entry here is a place where a
+# future release can break old checkpoints: keep the list short. `tests/test_transformers_range.py` fails when the
+# code imports from a transformers submodule, or reaches a private (`_name`) attribute, that is not listed here.
+TRANSFORMERS_INTERNALS: dict[str, str] = {
+    "transformers.initialization": "the init functions `_init_weights` must use so loading skips loaded weights",
+    "transformers.activations.ACT2FN": "the safety projector's activation, by the same names LLaVA's projector uses",
+    "transformers.conversion_mapping.get_checkpoint_conversion_mapping": "llava-hf checkpoints use legacy keys",
+    "transformers.conversion_mapping.register_checkpoint_conversion_mapping": "... converted for registered types",
+    "transformers.generation.LogitsProcessorList": "the gate joins the caller's logits processors",
+    "transformers.modeling_outputs.BaseModelOutputWithPooling": "image features travel in LLaVA's own output type",
+    "transformers.modeling_outputs.ModelOutput": "SafeVLMSafetyPrediction is a ModelOutput",
+    "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS": "the head's attention follows `attn_implementation`",
+    "transformers.models.llava.modeling_llava.LlavaCausalLMOutputWithPast": "our outputs extend the installed ones",
+    "transformers.models.llava.modeling_llava.LlavaModelOutputWithPast": "our outputs extend the installed ones",
+    "transformers.models.llava.modeling_llava.LlavaPreTrainedModel": "the base of the SafeVLM classes",
+    "transformers.utils.can_return_tuple": "`return_dict=False` support, as on LLaVA's own methods",
+    "transformers.utils.logging": "transformers' logger",
+    "transformers.processing_utils.MultiModalData": "the processor reports its per-image token count in it",
+    "_init_weights": "the documented hook for initializing the safety modules' raw parameters",
+    "_attn_implementation": "the config's attention implementation (read, as every transformers model does)",
+    "_name_or_path": "where the checkpoint came from: the folder whose tokenizer encodes refusal messages",
+}
+
+# Oldest and newest transformers releases this code was tested with (see pyproject's range and `.ci/run`).
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split(".") + ["0", "0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+if _release(transformers.__version__) > _release(TESTED_TRANSFORMERS[1]):
+    logger.warning(
+        f"This SafeVLM code was tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; you "
+        f"have {transformers.__version__}. If loading or generation fails, update the checkpoint's code files "
+        "(see the safevlm-hf README, 'Updating an old checkpoint')."
+    )
+
+# transformers renamed the cache argument `past_key_values` to `cache` in 5.24 (the old name is accepted with a
+# warning until 5.40). SafeVLM accepts both names from callers and hands LLaVA the one the installed release uses.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
+_CACHE_NAMES = ("cache", "past_key_values")
+
 # llava-hf checkpoints store legacy keys (`language_model.model.*`, `language_model.lm_head`); transformers converts
 # them only for registered model types, so a SafeVLM built from such a checkpoint would otherwise get a random lm_head.
 register_checkpoint_conversion_mapping("safevlm", get_checkpoint_conversion_mapping("llava"), overwrite=True)
 
+# Called as `hook(save_directory, config, overwrite_model_card)` after each `save_pretrained` on the main process.
+# The safevlm_hf package registers its model-card writer here: the card generator ships with the package, not in the
+# code every checkpoint carries.
+POST_SAVE_HOOKS: list[Callable[[str | os.PathLike, SafeVLMConfig, bool], None]] = []
+
+
+def _pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove the cache from `kwargs` under either of its names and return it (None if absent)."""
+    given = {name: kwargs.pop(name) for name in _CACHE_NAMES if kwargs.get(name) is not None}
+    for name in _CACHE_NAMES:
+        kwargs.pop(name, None)
+    if len(given) > 1:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+    return next(iter(given.values()), None)
+
+
+def _cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
 
 # ------------------------------------------------------------------------------------------------------ outputs
 @dataclass
-class SafeVLMImageFeaturesOutput(BaseModelOutputWithPooling):
+class SafeVLMImageOutputs(BaseModelOutputWithPooling):
     r"""
+    Output of [`SafeVLMModel.get_image_features`]: LLaVA's image output with the safety branch beside it.
+
     pooler_output (`list[torch.Tensor]`, *optional*):
-        Per image, the LLM-side features: projected image tokens followed by safety tokens set 1,
+        Per image, the features the LLM reads: LLaVA's projected image tokens followed by safety tokens set 1,
         `(num_image_tokens + num_safety_tokens, text_hidden)`. `None` on the classify-only path.
     safety_features (`list[torch.Tensor]`, *optional*):
         Per image, the safety projector's output over `config.safety_feature_layer`, `(num_patches, text_hidden)`.
-    num_placeholder_tokens (`list[int]`):
+    num_placeholder_tokens (`list[int]`, *optional*):
         Per image, how many placeholder tokens it fills in the prompt (image tokens + safety tokens set 1).
     """
 
@@ -78,6 +146,8 @@ class SafeVLMImageFeaturesOutput(BaseModelOutputWithPooling):
 @dataclass
 class SafeVLMModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
+    LLaVA's model output (whatever fields the installed transformers gives it) plus the safety head's logits.
+
     safety_type_logits (`torch.Tensor` of shape `(batch_size, num_safety_types)`, *optional*):
         Risk-type logits of the safety head (computed on the prompt pass only).
     safety_level_logits (`torch.Tensor` of shape `(batch_size, num_safety_levels)`, *optional*):
@@ -91,8 +161,10 @@ class SafeVLMModelOutputWithPast(LlavaModelOutputWithPast):
 @dataclass
 class SafeVLMCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     r"""
+    LLaVA's causal-LM output plus the safety head's logits and the two loss terms.
+
     loss (`torch.Tensor`, *optional*):
-        `lm_loss + safety_loss_weight * (CE(type) + CE(level))` for the labels given.
+        `lm_loss + safety_loss_weight * safety_loss` for the labels given.
     lm_loss (`torch.Tensor`, *optional*):
         Next-token loss alone.
     safety_loss (`torch.Tensor`, *optional*):
@@ -155,30 +227,63 @@ class SafeVLMSafetyTokens(nn.Module):
         self.head_tokens = nn.Parameter(torch.empty(shape))  # set 2: joined to the safety projector's output
 
 
-class SafeVLMHeadAttention(nn.Module):
-    """Multi-head attention of `x` over `context` with a boolean key mask (True = attend)."""
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention with an additive mask; `(batch, heads, len, dim)` in, `(batch, len, heads, dim)` out."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+
+class SafeVLMHeadAttention(nn.Module):
+    """Multi-head attention of `x` over `context` with a boolean key mask (True = attend).
+
+    It dispatches through transformers' attention interface, so `attn_implementation` and `set_attn_implementation`
+    reach it like every other attention layer. Kernels that need their own mask layout (flash, flex) are not used for
+    this small, non-causal, cross-attending head: it runs SDPA then.
+    """
+
+    is_causal = False
+
+    def __init__(self, config: SafeVLMConfig):
         super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        hidden = config.safety_head_hidden_size
+        self.config = config
+        self.num_heads = config.safety_head_num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.dropout = config.safety_head_dropout
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         batch, q_len, hidden = x.shape
-        head_dim = hidden // self.num_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
+            return t.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(context)), split(self.v_proj(context))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=context_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        query, key, value = split(self.q_proj(x)), split(self.k_proj(context)), split(self.v_proj(context))
+        implementation = self.config._attn_implementation
+        attention = eager_attention_forward
+        if implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", eager_attention_forward)
+        additive_mask = torch.zeros(context_mask.shape, dtype=query.dtype, device=query.device)
+        additive_mask = additive_mask.masked_fill(~context_mask, torch.finfo(query.dtype).min)[:, None, None, :]
+        output, _ = attention(
+            self, query, key, value, additive_mask, dropout=self.dropout if self.training else 0.0, is_causal=False
         )
-        return self.o_proj(y.transpose(1, 2).reshape(batch, q_len, hidden))
+        return self.o_proj(output.reshape(batch, q_len, hidden))
 
 
 class SafeVLMSafetyHeadLayer(nn.Module):
@@ -186,21 +291,17 @@ class SafeVLMSafetyHeadLayer(nn.Module):
 
     def __init__(self, config: SafeVLMConfig):
         super().__init__()
-        d, heads, p = (
-            config.safety_head_hidden_size,
-            config.safety_head_num_attention_heads,
-            config.safety_head_dropout,
-        )
+        d = config.safety_head_hidden_size
         self.self_attn_norm = nn.LayerNorm(d)
-        self.self_attn = SafeVLMHeadAttention(d, heads, p)
+        self.self_attn = SafeVLMHeadAttention(config)
         self.cross_attn_norm = nn.LayerNorm(d)
-        self.cross_attn = SafeVLMHeadAttention(d, heads, p)
+        self.cross_attn = SafeVLMHeadAttention(config)
         self.mlp_norm = nn.LayerNorm(d)
         self.mlp = nn.Sequential(
             nn.Linear(d, config.safety_head_intermediate_size),
             nn.GELU(),
             nn.Linear(config.safety_head_intermediate_size, d),
-            nn.Dropout(p),
+            nn.Dropout(config.safety_head_dropout),
         )
 
     def forward(self, text, text_mask, features, feature_mask):
@@ -277,7 +378,7 @@ class SafeVLMSafetyHead(nn.Module):
         return self.type_classifier(pooled), self.level_classifier(pooled)
 
 
-# ----------------------------------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------------------------------- helpers
 def _as_layer_list(layer: int | Sequence[int]) -> list[int]:
     return [layer] if isinstance(layer, int) else list(layer)
 
@@ -289,6 +390,25 @@ def _select_vision_features(hidden_states, layer: int | Sequence[int], strategy:
     return torch.cat(pool, dim=-1)
 
 
+def _token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """`(batch, length)` True for tokens that are not padding, from a 2-D padding mask or a 4-D attention mask.
+
+    In a 4-D mask (`(batch, heads, query, key)` for packed or shared-prefix batches; boolean True = attend, or
+    additive 0 = attend) a key that no query attends to is padding. Trainers often let padded queries attend to
+    themselves (to avoid empty softmax rows), so `_safety_logits` also drops `pad_token_id` positions.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            allowed = attention_mask
+        else:
+            allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        return allowed.any(dim=1).any(dim=1)[:, -length:]
+    return attention_mask[:, -length:].to(torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------------- models
 class SafeVLMPreTrainedModel(LlavaPreTrainedModel):
     config: SafeVLMConfig
     config_class = SafeVLMConfig
@@ -310,78 +430,109 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
     """LLaVA's base model plus the safety branch (projector, token sets, head)."""
 
     def __init__(self, config: SafeVLMConfig):
-        # LlavaModel.__init__ ends with post_init(); the safety modules must exist before it runs so that they are
-        # initialized like every other weight, so the (three-line) body is written out here instead of calling it.
-        SafeVLMPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        super().__init__(config)
         self.safety_projector = SafeVLMSafetyProjector(config)
         self.safety_tokens = SafeVLMSafetyTokens(config)
         self.safety_head = SafeVLMSafetyHead(config)
-        self.post_init()
+        self.post_init()  # initializes the safety modules; LLaVA's own modules are already marked initialized
 
+    # ---------------------------------------------------------------------------------------------- image path
+    def _check_vision_layers(self, layers: int | Sequence[int], name: str) -> None:
+        num_layers = self.config.vision_config.num_hidden_layers
+        for layer in _as_layer_list(layers):
+            if not -(num_layers + 1) <= layer <= num_layers:
+                raise ValueError(
+                    f"{name} {layer} is outside the vision encoder, which has hidden states "
+                    f"{-(num_layers + 1)}..{num_layers} (0 = embeddings)."
+                )
+
+    def _per_image(self, features: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+        # Same split as LLaVA's `get_image_features`: images of different sizes (e.g. Pixtral) arrive concatenated.
+        if image_sizes is None:
+            return list(features)
+        split_sizes = (
+            (torch.as_tensor(image_sizes, device=features.device) // self.vision_tower.patch_size).prod(-1).tolist()
+        )
+        return list(torch.split(features.squeeze(0), split_sizes))
+
+    def _safety_features(self, hidden_states, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+        selected = _select_vision_features(
+            hidden_states, self.config.safety_feature_layer, self.config.safety_feature_select_strategy
+        )
+        projected = self.safety_projector(selected.to(self.safety_projector.linear_1.weight.dtype))
+        return self._per_image(projected, image_sizes)
+
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
-        return_safety_features: bool = True,
-        return_llm_features: bool = True,
-        **kwargs,
-    ) -> SafeVLMImageFeaturesOutput:
-        """Run the vision tower once and return both paths' features.
+        **kwargs: Any,
+    ) -> tuple | SafeVLMImageOutputs:
+        """LLaVA's image features with safety tokens set 1 appended to each image, and the safety features beside them.
 
-        `vision_feature_layer` (per call, e.g. an ICET early exit) selects the LLM path's layer only; the safety
-        projector always reads `config.safety_feature_layer`. `return_llm_features=False` (the classify-only path)
-        skips LLaVA's projector, which a verdict never reads.
+        One vision pass serves both paths. `vision_feature_layer` (per call, e.g. an ICET early exit) selects the LLM
+        path's layer only; the safety projector always reads `config.safety_feature_layer`. Follows LLaVA's contract:
+        `return_dict=False` gives a tuple, `output_hidden_states=True` returns every vision hidden state.
         """
-        config = self.config
-        llm_layer = vision_feature_layer if vision_feature_layer is not None else config.vision_feature_layer
-        llm_strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        num_layers = config.vision_config.num_hidden_layers
-        for layer in _as_layer_list(llm_layer):
-            if not -(num_layers + 1) <= layer <= num_layers:
-                raise ValueError(
-                    f"vision_feature_layer {layer} is outside the vision encoder, which has hidden states "
-                    f"{-(num_layers + 1)}..{num_layers} (0 = embeddings)."
-                )
-        wanted = _as_layer_list(llm_layer)
-        if return_safety_features:
-            wanted += _as_layer_list(config.safety_feature_layer)
-        # Normalise to non-negative indices so that e.g. -2 and 22 are captured once.
-        capture = sorted({layer % (num_layers + 1) for layer in wanted})
-        if image_sizes is not None:
-            kwargs["image_sizes"] = image_sizes
-        kwargs.pop("output_hidden_states", None)
-        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=capture, return_dict=True, **kwargs)
-        hidden_states = vision_outputs.hidden_states
-
-        selected_llm = _select_vision_features(hidden_states, llm_layer, llm_strategy)
-        num_placeholders = [selected_llm.shape[1] + config.num_safety_tokens] * selected_llm.shape[0]
-        llm_features = None
-        if return_llm_features:
-            image_features = self.multi_modal_projector(selected_llm)
-            llm_tokens = self.safety_tokens.llm_tokens.to(image_features.dtype)
-            llm_features = [torch.cat([features, llm_tokens], dim=0) for features in image_features]
-
-        safety_features = None
-        if return_safety_features:
-            selected = _select_vision_features(
-                hidden_states, config.safety_feature_layer, config.safety_feature_select_strategy
-            )
-            safety_features = list(self.safety_projector(selected.to(self.safety_projector.linear_1.weight.dtype)))
-        return SafeVLMImageFeaturesOutput(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=llm_features,
-            hidden_states=None,
-            attentions=vision_outputs.attentions,
-            safety_features=safety_features,
-            num_placeholder_tokens=num_placeholders,
+        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        self._check_vision_layers(layer, "vision_feature_layer")
+        requested = kwargs.pop("output_hidden_states", None)
+        if requested is True:
+            capture: bool | list[int] = True
+        else:
+            num_states = self.config.vision_config.num_hidden_layers + 1
+            wanted = _as_layer_list(layer) + _as_layer_list(self.config.safety_feature_layer)
+            wanted += _as_layer_list(requested) if requested not in (None, False) else []
+            capture = sorted({index % num_states for index in wanted})
+        kwargs.pop("return_dict", None)
+        outputs = super().get_image_features(
+            pixel_values,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+            image_sizes=image_sizes,
+            output_hidden_states=capture,
+            return_dict=True,
+            **kwargs,
+        )
+        set_1 = self.safety_tokens.llm_tokens
+        llm_features = [torch.cat([features, set_1.to(features.dtype)], dim=0) for features in outputs.pooler_output]
+        return SafeVLMImageOutputs(
+            **{**outputs, "pooler_output": llm_features},
+            safety_features=self._safety_features(outputs.hidden_states, image_sizes),
+            num_placeholder_tokens=[len(features) for features in llm_features],
         )
 
-    def _image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+    def _image_safety_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> SafeVLMImageOutputs:
+        """The classify-only image path: the vision tower and the safety projector, not LLaVA's projector."""
+        num_states = self.config.vision_config.num_hidden_layers + 1
+        llm_layer = self.config.vision_feature_layer
+        wanted = _as_layer_list(llm_layer) + _as_layer_list(self.config.safety_feature_layer)
+        vision_kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        vision = self.vision_tower(
+            pixel_values,
+            output_hidden_states=sorted({index % num_states for index in wanted}),
+            return_dict=True,
+            **vision_kwargs,
+        )
+        # How many prompt placeholders each image fills: LLaVA's image tokens for its configured layer, then set 1.
+        llm_tokens = self._per_image(
+            _select_vision_features(vision.hidden_states, llm_layer, self.config.vision_feature_select_strategy),
+            image_sizes,
+        )
+        return SafeVLMImageOutputs(
+            last_hidden_state=vision.last_hidden_state,
+            safety_features=self._safety_features(vision.hidden_states, image_sizes),
+            num_placeholder_tokens=[len(tokens) + self.config.num_safety_tokens for tokens in llm_tokens],
+        )
+
+    # ---------------------------------------------------------------------------------------------- safety path
+    def _placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if input_ids is not None:
             return input_ids == self.config.image_token_id
         image_embed = self.get_input_embeddings()(
@@ -389,94 +540,95 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         )
         return (inputs_embeds == image_embed).all(-1)
 
-    @staticmethod
-    def _placeholder_counts(image_outputs: BaseModelOutputWithPooling) -> list[int]:
-        # `generate` hands the LLM path a plain output (pooler_output only), possibly expanded for beams.
-        counts = getattr(image_outputs, "num_placeholder_tokens", None)
-        return counts if counts is not None else [len(features) for features in image_outputs.pooler_output]
-
-    def _check_placeholders(self, placeholder_mask: torch.Tensor, image_outputs: BaseModelOutputWithPooling) -> None:
-        counts = self._placeholder_counts(image_outputs)
-        expected = sum(counts)
-        found = int(placeholder_mask.sum().item())
+    def _check_placeholders(self, placeholder_mask: torch.Tensor, counts: Sequence[int]) -> None:
+        found, expected = int(placeholder_mask.sum().item()), sum(counts)
         if found != expected:
             per_image = counts[0] if counts else 0
             raise ValueError(
-                f"The prompt has {found} image placeholder tokens but the {len(counts)} image(s) "
-                f"need {expected} ({per_image} per image = image tokens + num_safety_tokens="
+                f"Image features and image tokens do not match, tokens: {found}, features: {expected} "
+                f"({len(counts)} image(s), {per_image} per image = image tokens + num_safety_tokens="
                 f"{self.config.num_safety_tokens}). Prepare inputs with SafeVLMProcessor (its num_safety_tokens must "
                 "equal config.num_safety_tokens) and keep one '<image>' per image in the text."
             )
 
-    def build_safety_features(
-        self,
-        placeholder_mask: torch.Tensor,
-        image_outputs: SafeVLMImageFeaturesOutput | None,
-        batch_size: int,
-        dtype: torch.dtype,
+    def _safety_context(
+        self, placeholder_mask: torch.Tensor, image_outputs: SafeVLMImageOutputs | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: safety tokens set 2 followed by the safety projector's output for each of the row's images.
-
-        Returns `(features, mask)` padded to the longest row; a text-only row gets set 2 alone.
-        """
+        """Per row: safety tokens set 2, then the safety features of each of the row's images, padded and masked."""
         head_tokens = self.safety_tokens.head_tokens.to(dtype)
         device = head_tokens.device
-        rows: list[list[torch.Tensor]] = [[head_tokens] for _ in range(batch_size)]
-        if image_outputs is not None and image_outputs.safety_features is not None:
-            self._check_placeholders(placeholder_mask, image_outputs)
-            # Assign images to rows in order, using each image's placeholder count.
-            image_index = 0
-            for row, count in enumerate(placeholder_mask.sum(dim=1).tolist()):
-                while count > 0:
-                    count -= image_outputs.num_placeholder_tokens[image_index]
+        rows: list[list[torch.Tensor]] = [[head_tokens] for _ in range(placeholder_mask.shape[0])]
+        if image_outputs is not None:
+            counts = getattr(image_outputs, "num_placeholder_tokens", None)
+            if getattr(image_outputs, "safety_features", None) is None or counts is None:
+                raise ValueError(
+                    "The image features given (mm_encoder_outputs['image']) carry no safety features, so the safety "
+                    "head cannot see the images. Pass pixel_values, or features from this model's "
+                    "get_image_features(); to run without the safety head pass compute_safety=False (forward) or "
+                    "safety_gating=False (generate)."
+                )
+            self._check_placeholders(placeholder_mask, counts)
+            image_index = 0  # images are assigned to rows in order, by the placeholders each fills
+            for row, remaining in enumerate(placeholder_mask.sum(dim=1).tolist()):
+                while remaining > 0:
+                    remaining -= counts[image_index]
                     rows[row].append(image_outputs.safety_features[image_index].to(device, dtype))
                     image_index += 1
         lengths = [sum(part.shape[0] for part in parts) for parts in rows]
-        features = head_tokens.new_zeros(batch_size, max(lengths), head_tokens.shape[-1])
-        mask = torch.zeros(batch_size, max(lengths), dtype=torch.bool, device=device)
+        features = head_tokens.new_zeros(len(rows), max(lengths), head_tokens.shape[-1])
+        mask = torch.zeros(len(rows), max(lengths), dtype=torch.bool, device=device)
         for row, parts in enumerate(rows):
             joined = torch.cat(parts, dim=0)
             features[row, : joined.shape[0]] = joined
             mask[row, : joined.shape[0]] = True
         return features, mask
 
-    def classify_safety(
+    def _safety_logits(
         self,
-        input_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_outputs: SafeVLMImageFeaturesOutput | None = None,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_outputs: SafeVLMImageOutputs | None,
         safety_text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Safety head logits `(type_logits, level_logits)` for a prompt batch.
+        """The head's `(type_logits, level_logits)` for a prompt batch.
 
         The head reads the prompt's token embeddings (padding and image placeholders excluded; `safety_text_mask`
-        narrows it further, e.g. to exclude assistant turns during training) and the safety-enhanced features.
+        narrows it further, e.g. to exclude assistant turns in training) and the safety-enhanced features.
         """
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        placeholder_mask = self._image_placeholder_mask(input_ids, inputs_embeds)
+        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds)
         text_mask = ~placeholder_mask
-        if attention_mask is not None:
-            text_mask &= attention_mask.to(torch.bool)
-        if safety_text_mask is not None:
-            text_mask &= safety_text_mask.to(torch.bool)
-        head_device = self.safety_head.query.device
-        head_dtype = self.safety_head.query.dtype
-        features, feature_mask = self.build_safety_features(
-            placeholder_mask, image_outputs, inputs_embeds.shape[0], head_dtype
-        )
-        return self.safety_head(
-            inputs_embeds.to(head_device, head_dtype), text_mask.to(head_device), features, feature_mask
+        pad_token_id = getattr(self.config.get_text_config(), "pad_token_id", None)
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 4
+            and input_ids is not None
+            and pad_token_id is not None
+        ):
+            text_mask = text_mask & (input_ids != pad_token_id)
+        for extra in (_token_mask(attention_mask, text_mask.shape[1]), safety_text_mask):
+            if extra is not None:
+                text_mask = text_mask & extra.to(text_mask.device, torch.bool)
+        head = self.safety_head
+        features, feature_mask = self._safety_context(placeholder_mask, image_outputs, head.query.dtype)
+        return head(
+            inputs_embeds.to(head.query.device, head.query.dtype),
+            text_mask.to(head.query.device),
+            features,
+            feature_mask,
         )
 
+    # -------------------------------------------------------------------------------------------------- forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -484,69 +636,59 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         safety_text_mask: torch.Tensor | None = None,
         compute_safety: bool | None = None,
-        **kwargs,
-    ) -> SafeVLMModelOutputWithPast:
+        **kwargs: Any,
+    ) -> tuple | SafeVLMModelOutputWithPast:
         r"""
+        LLaVA's forward (the cache may be passed as `cache` or `past_key_values`), plus the safety head's logits.
+
         safety_text_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for the tokens the safety head may read (e.g. the prompt without assistant turns); defaults to every
             non-padding text token.
         compute_safety (`bool`, *optional*):
             Run the safety head. Defaults to `True` on a prompt pass (no cache yet) and `False` when decoding.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        cache = _pop_cache(kwargs)
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        image_outputs = mm_encoder_outputs.get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(
+        if pixel_values is not None:
+            if mm_encoder_outputs.get("image") is not None:
+                raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+            mm_encoder_outputs["image"] = self.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 image_sizes=image_sizes,
             )
-            mm_encoder_outputs["image"] = image_outputs
+        image_outputs = mm_encoder_outputs.get("image")
+        if image_outputs is not None and (input_ids is None) != (inputs_embeds is None):
+            # LLaVA checks the count too; this message also names the safety tokens each image needs.
+            # Count from the LLM features themselves: generate expands them in place for beams / return sequences.
+            counts = [len(features) for features in image_outputs.pooler_output]
+            self._check_placeholders(self._placeholder_mask(input_ids, inputs_embeds), counts)
         if compute_safety is None:
-            compute_safety = past_key_values is None or past_key_values.get_seq_length() == 0
-
-        if image_outputs is not None:
-            self._check_placeholders(self._image_placeholder_mask(input_ids, inputs_embeds), image_outputs)
+            compute_safety = _cache_length(cache) == 0
 
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
+            mm_encoder_outputs=mm_encoder_outputs or None,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
         type_logits = level_logits = None
         if compute_safety:
-            type_logits, level_logits = self.classify_safety(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                image_outputs=image_outputs,
-                safety_text_mask=safety_text_mask,
+            type_logits, level_logits = self._safety_logits(
+                input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask
             )
-        return SafeVLMModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            safety_type_logits=type_logits,
-            safety_level_logits=level_logits,
-        )
+        return SafeVLMModelOutputWithPast(**outputs, safety_type_logits=type_logits, safety_level_logits=level_logits)
 
 
 class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditionalGeneration):
     """LLaVA for generation with the SafeVLM safety branch and level-based refusal gating in `generate()`."""
 
     def __init__(self, config: SafeVLMConfig):
-        # Same reason as SafeVLMModel: build the SafeVLM base model directly rather than a LlavaModel first.
+        # LlavaForConditionalGeneration.__init__ would build a LlavaModel first; build the SafeVLM base model instead.
         SafeVLMPreTrainedModel.__init__(self, config)
         self.model = SafeVLMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
@@ -555,61 +697,56 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """`PreTrainedModel.save_pretrained`, plus what a `trust_remote_code` load needs from every Auto class.
+        """`PreTrainedModel.save_pretrained`, with an `auto_map` that names every Auto class a checkpoint serves.
 
         `register_for_auto_class` records one model class; the config's `auto_map` here names all four (AutoConfig,
         AutoModel, AutoModelForImageTextToText, AutoProcessor). The processing file is copied by transformers itself,
-        as a relative import of this file. A model card (README.md) is generated from the config unless the folder
-        holds one written by a person (`overwrite_model_card=True` replaces it).
+        as a relative import of this file. Then every hook in `POST_SAVE_HOOKS` runs (with safevlm_hf installed: the
+        model card, unless the folder holds one written by a person; `overwrite_model_card=True` replaces it).
         """
-        overwrite_model_card = kwargs.pop("overwrite_model_card", False)
+        overwrite_model_card = bool(kwargs.pop("overwrite_model_card", False))
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForImageTextToText"] = f"{module}.{type(self).__name__}"
         auto_map["AutoProcessor"] = "processing_safevlm.SafeVLMProcessor"
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
-        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main_process:
-            write_model_card(save_directory, self.config, overwrite=overwrite_model_card)
-
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        # transformers' push_to_hub (and save_pretrained(push_to_hub=True)) replace README.md with the Hub's card or
-        # their stub just before uploading: put the generated card back (a card written by a person is kept).
-        write_model_card(working_dir, self.config, repo_id=repo_id)
-        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+        if (args[0] if args else kwargs.get("is_main_process", True)) and os.path.isdir(save_directory):
+            for hook in POST_SAVE_HOOKS:
+                hook(save_directory, self.config, overwrite_model_card)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        try:
-            return super().from_pretrained(*args, **kwargs)
-        except RuntimeError as err:
-            if "ignore_mismatched_sizes" not in str(err):
-                raise
-            config = kwargs.get("config")
-            if config is None and args:
-                try:
-                    config = cls.config_class.from_pretrained(args[0])
-                except (OSError, ValueError):
-                    config = None
-            types = getattr(config, "safety_types", None)
-            levels = getattr(config, "safety_levels", None)
+    def from_pretrained(cls, *args: Any, allow_untrained_safety: bool = False, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose safety weights are missing or do not fit.
+
+        transformers would initialize such weights randomly and go on: a SafeVLM with a random safety head gives
+        random verdicts, silently. Pass `allow_untrained_safety=True` to load it anyway (e.g. to train the safety
+        modules); to turn a LLaVA checkpoint into a SafeVLM use :meth:`from_llava`.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        absent = set(info["missing_keys"]) | {entry[0] for entry in info["mismatched_keys"]}
+        untrained = sorted(key for key in absent if ".safety_" in key)
+        if untrained and not allow_untrained_safety:
             raise ValueError(
-                "Checkpoint weights do not fit this config (see the load report above). A safety head trained for "
-                "another label space is the usual cause: the config lists "
-                f"{len(types) if types else '?'} safety_types and {len(levels) if levels else '?'} safety_levels, and "
-                "the type_classifier/level_classifier must have as many outputs. Keep the checkpoint's label lists, "
-                "or pass ignore_mismatched_sizes=True to re-initialize the mismatched weights and retrain them."
-            ) from err
+                f"The checkpoint lacks {len(untrained)} safety weight(s) or they do not fit this config (e.g. "
+                f"{untrained[:3]}), so the safety branch would be random. Load a trained SafeVLM checkpoint, convert a "
+                "LLaVA checkpoint with SafeVLMForConditionalGeneration.from_llava(...), or pass "
+                "allow_untrained_safety=True to load it for training."
+            )
+        return (model, info) if wants_info else model
 
     # ------------------------------------------------------------------------------------------------ conversion
     @classmethod
-    def from_llava(cls, model_or_path: Any, **safety_overrides: Any) -> "SafeVLMForConditionalGeneration":
+    def from_llava(
+        cls, model_or_path: Any, seed: int | None = None, **safety_overrides: Any
+    ) -> "SafeVLMForConditionalGeneration":
         """Turn a LLaVA model (object or checkpoint path/Hub id) into a SafeVLM.
 
         Every base weight (vision tower, projector, LLM, lm_head) is carried over unchanged; only the safety modules
-        are newly initialized. Keyword arguments that are `SafeVLMConfig` fields (e.g. `num_safety_tokens`) override
-        the safety settings; the others (e.g. `dtype`, `attn_implementation`, `revision`) go to `from_pretrained`.
+        are newly initialized (from `seed` when given, so a conversion is reproducible). Keyword arguments that are
+        `SafeVLMConfig` fields (e.g. `num_safety_tokens`) override the safety settings; the others (e.g. `dtype`,
+        `attn_implementation`, `revision`) go to `from_pretrained`.
         """
         config_fields = set(SafeVLMConfig.__dataclass_fields__)
         overrides = {k: v for k, v in safety_overrides.items() if k in config_fields}
@@ -622,21 +759,32 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             }
             base_config = AutoConfig.from_pretrained(model_or_path, **config_kwargs)
             config = SafeVLMConfig.from_llava_config(base_config, **overrides)  # records safety_base_model
-            return cls.from_pretrained(model_or_path, config=config, **load_kwargs)
-        if load_kwargs:
-            raise TypeError(
-                f"from_llava got unknown keyword(s) {sorted(load_kwargs)} for an in-memory model; pass SafeVLMConfig "
-                "fields only (loading options apply to paths)."
+            wants_info = load_kwargs.pop("output_loading_info", False)
+            model, info = cls.from_pretrained(
+                model_or_path, config=config, allow_untrained_safety=True, output_loading_info=True, **load_kwargs
             )
-        source = model_or_path
-        config = SafeVLMConfig.from_llava_config(source.config, **overrides)
+            model.init_safety_modules(seed)
+            return (model, info) if wants_info else model
+        else:
+            if load_kwargs:
+                raise TypeError(
+                    f"from_llava got unknown keyword(s) {sorted(load_kwargs)} for an in-memory model; pass "
+                    "SafeVLMConfig fields only (loading options apply to paths)."
+                )
+            model = cls._from_llava_model(
+                model_or_path, SafeVLMConfig.from_llava_config(model_or_path.config, **overrides)
+            )
+        model.init_safety_modules(seed)
+        return model
+
+    @classmethod
+    def _from_llava_model(cls, source: nn.Module, config: SafeVLMConfig) -> "SafeVLMForConditionalGeneration":
         config._attn_implementation = getattr(source.config, "_attn_implementation", None)
         reference = next(source.parameters())
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=reference.device)
-        state = source.state_dict()
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(source.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if ".safety_" not in k]
         if missing or result.unexpected_keys:
             raise ValueError(
@@ -646,15 +794,20 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         for name, buffer in source.named_buffers():  # non-persistent buffers (e.g. rotary inv_freq) are not in state
             model.get_buffer(name).copy_(buffer)
         model.to(reference.dtype)
-        model.init_safety_modules()
         model.generation_config = source.generation_config
         return model.train(source.training)
 
-    def init_safety_modules(self) -> None:
-        """(Re)initialize the safety projector, both token sets and the head; base weights are not touched."""
-        for module in self.safety_modules().values():
-            for submodule in module.modules():
-                self._init_weights(submodule)
+    def init_safety_modules(self, seed: int | None = None) -> None:
+        """(Re)initialize the safety projector, both token sets and the head; base weights are not touched.
+
+        With `seed`, the draw is reproducible and leaves the global random state as it was.
+        """
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for module in self.safety_modules().values():
+                for submodule in module.modules():
+                    self._init_weights(submodule)
 
     def safety_modules(self) -> dict[str, nn.Module]:
         """The modules that make up the safety branch, by attribute name."""
@@ -665,13 +818,14 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         }
 
     # ------------------------------------------------------------------------------------------------- forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -683,9 +837,11 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         safety_level_labels: torch.LongTensor | None = None,
         safety_text_mask: torch.Tensor | None = None,
         compute_safety: bool | None = None,
-        **kwargs,
-    ) -> SafeVLMCausalLMOutputWithPast:
+        **kwargs: Any,
+    ) -> tuple | SafeVLMCausalLMOutputWithPast:
         r"""
+        LLaVA's forward (the cache may be passed as `cache` or `past_key_values`), plus the safety head and its loss.
+
         safety_type_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Risk-type targets (index into `config.safety_types`; -100 to ignore a row).
         safety_level_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
@@ -701,7 +857,6 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
@@ -729,17 +884,9 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             if safety_loss is not None:
                 loss = loss + self.config.safety_loss_weight * safety_loss
 
+        fields = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
         return SafeVLMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            lm_loss=lm_loss,
-            safety_loss=safety_loss,
-            safety_type_logits=outputs.safety_type_logits,
-            safety_level_logits=outputs.safety_level_logits,
+            loss=loss, logits=logits, lm_loss=lm_loss, safety_loss=safety_loss, **fields
         )
 
     def _safety_loss(self, type_logits, level_logits, type_labels, level_labels) -> torch.Tensor:
@@ -780,22 +927,14 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         """
         image_outputs = None
         if pixel_values is not None:
-            image_outputs = self.model.get_image_features(
-                pixel_values=pixel_values, image_sizes=image_sizes, return_llm_features=False
-            )
-        return self._predict_from_image_outputs(
-            input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask
-        )
+            image_outputs = self.model._image_safety_features(pixel_values, image_sizes)
+        return self._prediction(input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask)
 
-    def _predict_from_image_outputs(
+    def _prediction(
         self, input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask=None
-    ):
-        type_logits, level_logits = self.model.classify_safety(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            image_outputs=image_outputs,
-            safety_text_mask=safety_text_mask,
+    ) -> SafeVLMSafetyPrediction:
+        type_logits, level_logits = self.model._safety_logits(
+            input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask
         )
         return SafeVLMSafetyPrediction(
             type_logits=type_logits,
@@ -812,7 +951,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             len(self.config.safety_levels),
         )
 
-    def verdicts_from_prediction(
+    def _verdicts(
         self, prediction: SafeVLMSafetyPrediction, policy: SafetyPolicy, safety_profile: str | None = None
     ) -> list[SafetyVerdict]:
         type_probs = prediction.type_probs.tolist()
@@ -847,7 +986,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             inputs_embeds=inputs_embeds,
             image_sizes=image_sizes,
         )
-        return self.verdicts_from_prediction(prediction, policy, safety_profile)
+        return self._verdicts(prediction, policy, safety_profile)
 
     # ------------------------------------------------------------------------------------------------ generation
     def set_safety_tokenizer(self, tokenizer: Any) -> None:
@@ -884,13 +1023,16 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             self._safety_message_cache[key] = list(tokenizer.encode(text, add_special_tokens=False))
         return self._safety_message_cache[key]
 
-    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
-        # The gate must see the final scores: move it behind every processor and warper transformers adds.
-        processors = super()._get_logits_processor(*args, **kwargs)
-        gates = [p for p in processors if isinstance(p, SafetyGateLogitsProcessor)]
-        ordered = LogitsProcessorList([p for p in processors if not isinstance(p, SafetyGateLogitsProcessor)])
-        ordered.extend(gates)
-        return ordered
+    def _start_tokens(self, generation_config: Any, kwargs: dict[str, Any]) -> torch.LongTensor:
+        """A prompt of one start token per row, as `generate` builds when it is given no prompt."""
+        bos = generation_config.bos_token_id
+        if bos is None:
+            bos = getattr(self.config.get_text_config(), "bos_token_id", None)
+        if bos is None:
+            raise ValueError("generate() was given no prompt and the model has no bos_token_id to start from.")
+        mask = kwargs.get("attention_mask")
+        batch = mask.shape[0] if mask is not None else 1
+        return torch.full((batch, 1), int(bos), dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def generate(
@@ -908,8 +1050,8 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         [`~GenerationMixin.generate`] with level-based refusal gating.
 
         The prompt is assessed once, before the first token (the vision tower runs once and its output is reused by
-        the LLM), and each row's verdict is enforced by a [`SafetyGateLogitsProcessor`] that runs after every other
-        logits processor: `"refuse"` rows produce exactly the refusal message then EOS, `"caution"` rows start with
+        the LLM), and each row's verdict is enforced by a [`SafetyGateLogitsProcessor`] placed after the caller's
+        logits processors: `"refuse"` rows produce exactly the refusal message then EOS, `"caution"` rows start with
         the caution prefix, `"answer"` rows are untouched.
 
         Args:
@@ -922,8 +1064,22 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         """
         if safety_gating is not True and safety_gating is not False:
             raise TypeError(f"safety_gating must be True or False, got {safety_gating!r}.")
-        kwargs["compute_safety"] = False  # the head runs here, once; never again inside the decoding loop
+        cache = _pop_cache(kwargs)
+        if cache is not None:
+            kwargs[CACHE_ARG] = cache
+        kwargs.setdefault("compute_safety", False)  # the head runs here, once, if at all; never inside the loop
+        if not safety_gating:
+            return super().generate(inputs, generation_config, logits_processor, **kwargs)
+
+        if kwargs.get("custom_generate") is not None:
+            raise ValueError(
+                "custom_generate cannot be combined with safety gating (its decoding loop may skip the gate). "
+                "Pass safety_gating=False explicitly if you accept ungated output."
+            )
+        gen_config = generation_config if generation_config is not None else self.generation_config
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None and kwargs.get("inputs_embeds") is None:
+            input_ids = inputs = self._start_tokens(gen_config, kwargs)
         pixel_values = kwargs.pop("pixel_values", None)
         image_outputs = None
         if pixel_values is not None:
@@ -933,40 +1089,35 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 vision_feature_layer=kwargs.get("vision_feature_layer"),
                 vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
                 image_sizes=kwargs.get("image_sizes"),
-                return_safety_features=safety_gating,
             )
+            # generate expands the LLM features in place for beams / return sequences: hand it its own object.
             kwargs["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithPooling(pooler_output=image_outputs.pooler_output)
+                "image": BaseModelOutputWithPooling(pooler_output=list(image_outputs.pooler_output))
             }
 
-        if not safety_gating:
-            return super().generate(inputs, generation_config, logits_processor, **kwargs)
-
-        if kwargs.get("custom_generate") is not None:
-            raise ValueError(
-                "custom_generate cannot be combined with safety gating (its decoding loop may skip the gate). "
-                "Pass safety_gating=False explicitly if you accept ungated output."
-            )
         policy = self.safety_policy(safety_policy)
         profile = safety_profile if safety_profile is not None else policy.default_profile
         policy.profile_info(profile)  # unknown profile -> clear error listing the known ones
-        prediction = self._predict_from_image_outputs(
+        prediction = self._prediction(
             input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), image_outputs
         )
-        verdicts = self.verdicts_from_prediction(prediction, policy, profile)
+        verdicts = self._verdicts(prediction, policy, profile)
 
-        gen_config = generation_config if generation_config is not None else self.generation_config
         eos = kwargs.get("eos_token_id", gen_config.eos_token_id)
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        if isinstance(eos, (list, tuple)):
+            eos = None
         if eos is None and any(v.action == "refuse" for v in verdicts):
-            raise ValueError("Refusal gating needs an eos_token_id (generation_config.eos_token_id is None).")
-        forced: list[list[int] | None] = []
+            raise ValueError(
+                "Refusal gating needs an end-of-sequence token: pass eos_token_id (an int or a non-empty list) or set "
+                "generation_config.eos_token_id."
+            )
         needs_tokenizer = any(v.action != "answer" for v in verdicts)
         tokenizer = self._resolve_safety_tokenizer(kwargs.get("tokenizer")) if needs_tokenizer else None
-        for verdict in verdicts:
-            forced.append(None if verdict.action == "answer" else self._encode_message(tokenizer, verdict.message))
         gate = SafetyGateLogitsProcessor(
-            forced_token_ids=forced,
+            forced_token_ids=[
+                None if v.action == "answer" else self._encode_message(tokenizer, v.message) for v in verdicts
+            ],
             end_with_eos=[v.action == "refuse" for v in verdicts],
             eos_token_id=eos,
             prompt_length=input_ids.shape[1] if input_ids is not None else 0,

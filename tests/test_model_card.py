@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 
 import pytest
@@ -11,7 +10,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers.pipelines import SUPPORTED_TASKS
 
-from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration, SafetyPolicy
+from safevlm_hf import SafeVLMConfig, SafetyPolicy
 from safevlm_hf.modeling.modelcard_safevlm import (
     GENERATED_MARKER,
     REPO_ID_PLACEHOLDER,
@@ -22,8 +21,6 @@ from safevlm_hf.modeling.modelcard_safevlm import (
 )
 
 
-SAVE_HOOK_LANDED = "write_model_card" in inspect.getsource(SafeVLMForConditionalGeneration.save_pretrained)
-UPLOAD_HOOK_LANDED = "_upload_modified_files" in SafeVLMForConditionalGeneration.__dict__
 CARD_LOGGER = "safevlm_hf.modeling.modelcard_safevlm"
 
 REPORT = {
@@ -41,11 +38,9 @@ REPORT = {
 
 
 def save_checkpoint_with_card(model, processor, path, **save_kwargs) -> None:
-    """`save_pretrained` of model and processor; writes the card directly until the save hook has landed."""
+    """`save_pretrained` of model and processor (the package's save hook writes the card)."""
     model.save_pretrained(path, **save_kwargs)
     processor.save_pretrained(path)
-    if not SAVE_HOOK_LANDED:
-        write_model_card(path, model.config, overwrite=save_kwargs.get("overwrite_model_card", False))
 
 
 def _config(tiny_llava_pair, **overrides) -> SafeVLMConfig:
@@ -341,10 +336,7 @@ def test_a_user_written_card_survives_a_resave(tiny_safevlm, tmp_path, caplog):
     assert (tmp_path / "README.md").read_text() == user_card
     assert "overwrite_model_card=True" in caplog.text and "README.md" in caplog.text
     # overwriting is explicit
-    if SAVE_HOOK_LANDED:
-        model.save_pretrained(tmp_path, overwrite_model_card=True)
-    else:
-        assert write_model_card(tmp_path, model.config, overwrite=True) is True
+    model.save_pretrained(tmp_path, overwrite_model_card=True)
     assert GENERATED_MARKER in (tmp_path / "README.md").read_text()
 
 
@@ -416,45 +408,11 @@ def test_fill_repo_id_only_touches_our_unedited_card(tiny_llava_pair):
     assert fill_model_card_repo_id(user, "acme/x") == user
 
 
-@pytest.mark.skipif(not SAVE_HOOK_LANDED, reason="SafeVLM save_pretrained does not write the card yet")
 def test_save_pretrained_writes_the_card_on_the_main_process_only(tiny_safevlm, tmp_path):
     model, _ = tiny_safevlm
     model.save_pretrained(tmp_path / "main")
     assert model_card_origin((tmp_path / "main" / "README.md").read_text()) == "generated"
-    assert (tmp_path / "main" / "modelcard_safevlm.py").is_file()  # the generator travels with the code
+    # The generator ships with the package (a save hook), not inside the checkpoint's remote code.
+    assert not (tmp_path / "main" / "modelcard_safevlm.py").exists()
     model.save_pretrained(tmp_path / "worker", is_main_process=False)
     assert not (tmp_path / "worker" / "README.md").exists()
-
-
-@pytest.mark.skipif(not UPLOAD_HOOK_LANDED, reason="SafeVLM has no _upload_modified_files hook yet")
-def test_model_push_to_hub_uploads_our_card(tiny_safevlm, monkeypatch):
-    from huggingface_hub import CommitInfo, HfApi, RepoUrl
-    from transformers.utils import hub as transformers_hub
-
-    model, _ = tiny_safevlm
-    commits = []
-
-    def no_card_on_the_hub(*args, **kwargs):
-        raise EntryNotFoundError("README.md not found")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        contents = {}
-        for op in operations:  # read now: push_to_hub uploads from a temporary folder
-            with op.as_file() as handle:
-                contents[op.path_in_repo] = handle.read()
-        commits.append(contents)
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}",
-            commit_message="",
-            commit_description="",
-            oid="0" * 40,
-        )
-
-    monkeypatch.setattr(transformers_hub.ModelCard, "load", no_card_on_the_hub)
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    model.push_to_hub("acme/safevlm-tiny")
-    (contents,) = commits
-    text = contents["README.md"].decode("utf-8")
-    assert model_card_origin(text) == "generated" and 'repo_id = "acme/safevlm-tiny"' in text
-    assert "modelcard_safevlm.py" in contents and "model.safetensors" in contents

@@ -8,7 +8,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .modeling.configuration_safevlm import SafeVLMConfig
 from .modeling.gating_safevlm import SafetyGateLogitsProcessor
+from .modeling.modelcard_safevlm import write_model_card
 from .modeling.modeling_safevlm import (
+    POST_SAVE_HOOKS,
     SafeVLMForConditionalGeneration,
     SafeVLMModel,
     SafeVLMPreTrainedModel,
@@ -32,6 +34,15 @@ AutoConfig.register("safevlm", SafeVLMConfig, exist_ok=True)
 AutoModel.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SafeVLMConfig, SafeVLMProcessor, exist_ok=True)
+
+
+def _write_model_card_after_save(save_directory, config, overwrite_model_card: bool) -> None:
+    write_model_card(save_directory, config, overwrite=overwrite_model_card)
+
+
+# The card generator ships with the package, not in every checkpoint's remote code: `save_pretrained` calls it here.
+if _write_model_card_after_save not in POST_SAVE_HOOKS:
+    POST_SAVE_HOOKS.append(_write_model_card_after_save)
 
 __all__ = [
     "DEFAULT_SAFETY_LEVELS",
