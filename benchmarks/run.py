@@ -471,6 +471,7 @@ def training_batch(models: BenchModels, run: RunSettings) -> dict:
     batch["safety_text_mask"] = batch["attention_mask"].bool() & ~answer
     batch["safety_type_labels"] = torch.arange(run.train_batch_size) % len(models.safevlm.config.safety_types)
     batch["safety_level_labels"] = torch.arange(run.train_batch_size) % len(models.safevlm.config.safety_levels)
+    batch["safety_subcategory_labels"] = torch.zeros(run.train_batch_size, dtype=torch.long)  # every head trains
     return batch
 
 

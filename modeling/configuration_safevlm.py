@@ -12,7 +12,9 @@ from transformers import LlavaConfig
 
 from .policy_safevlm import (
     DEFAULT_SAFETY_LEVELS,
+    DEFAULT_SAFETY_SUBCATEGORIES,
     DEFAULT_SAFETY_TYPES,
+    SUBCATEGORY_SEPARATOR,
     SafetyPolicy,
     default_safety_policy,
 )
@@ -35,6 +37,11 @@ class SafeVLMConfig(LlavaConfig):
         safety_levels (`list[str]`, *optional*):
             Names of the risk levels, lowest first. Defaults to 0 safe to answer, 1 answer carefully, 2 answer or
             reject, 3 reject.
+        safety_subcategories (`list[str]`, *optional*):
+            Sub-categories the head predicts besides the type, each `"Type/Sub-category"` of a type in
+            `safety_types` (policies can address them). Defaults to none, so configs saved before sub-categories
+            existed load unchanged; `from_llava_config` (a new conversion) defaults to
+            `["Illegal Risk/Sexual content"]`.
         safety_feature_layer (`int | list[int]`, *optional*):
             Vision-encoder layer(s) the safety projector reads. Fixed at construction: a per-call
             `vision_feature_layer` changes only the LLM's image path, never the safety branch. Defaults to
@@ -80,6 +87,7 @@ class SafeVLMConfig(LlavaConfig):
     num_safety_tokens: int = 64
     safety_types: list[str] | None = None
     safety_levels: list[str] | None = None
+    safety_subcategories: list[str] | None = None
     safety_feature_layer: int | list[int] | None = None
     safety_feature_select_strategy: str | None = None
     safety_projector_hidden_act: str = "gelu"
@@ -100,6 +108,8 @@ class SafeVLMConfig(LlavaConfig):
             self.safety_types = list(DEFAULT_SAFETY_TYPES)
         if self.safety_levels is None:
             self.safety_levels = list(DEFAULT_SAFETY_LEVELS)
+        if self.safety_subcategories is None:
+            self.safety_subcategories = []
         if self.safety_feature_layer is None:
             self.safety_feature_layer = self.vision_feature_layer
         if self.safety_feature_select_strategy is None:
@@ -113,7 +123,9 @@ class SafeVLMConfig(LlavaConfig):
             heads -= 1
         self.safety_head_num_attention_heads = heads
         if self.safety_policy is None:
-            self.safety_policy = default_safety_policy(self.safety_types, len(self.safety_levels))
+            self.safety_policy = default_safety_policy(
+                self.safety_types, len(self.safety_levels), self.safety_subcategories
+            )
         self._validate_safety()
 
     def _validate_safety(self) -> None:
@@ -149,9 +161,28 @@ class SafeVLMConfig(LlavaConfig):
                 f"safety head needs hidden size >= 1 and >= 1 layer, got hidden size {self.safety_head_hidden_size} "
                 f"and {self.safety_head_num_layers} layers."
             )
+        subcategories = self.safety_subcategories
+        if not isinstance(subcategories, (list, tuple)) or len(set(subcategories)) != len(subcategories):
+            raise ValueError(f"safety_subcategories must be a list of distinct strings, got {subcategories!r}.")
+        for name in subcategories:
+            parent = name.split(SUBCATEGORY_SEPARATOR, 1)[0] if isinstance(name, str) else None
+            if parent not in self.safety_types or SUBCATEGORY_SEPARATOR not in name:
+                raise ValueError(
+                    f"safety_subcategories entry {name!r} must be 'Type/Sub-category' with Type one of "
+                    f"safety_types {list(self.safety_types)}."
+                )
         # The policy may come from an untrusted config.json: validate it against this label space before use.
-        policy = SafetyPolicy.coerce(self.safety_policy, self.safety_types, len(self.safety_levels))
-        self.safety_policy = policy.to_dict()
+        self.safety_policy = self.bound_safety_policy().to_dict()
+
+    def bound_safety_policy(self, policy: SafetyPolicy | dict | str | None = None) -> SafetyPolicy:
+        """`policy` (default: this config's `safety_policy`) validated and bound to this config's labels."""
+        return SafetyPolicy.coerce(
+            self.safety_policy if policy is None else policy,
+            self.safety_types,
+            len(self.safety_levels),
+            self.safety_levels,
+            self.safety_subcategories,
+        )
 
     @classmethod
     def from_llava_config(cls, llava_config: LlavaConfig | dict[str, Any], **safety_overrides: Any) -> "SafeVLMConfig":
@@ -166,6 +197,11 @@ class SafeVLMConfig(LlavaConfig):
         if base_name and "safety_base_model" not in safety_overrides:
             data["safety_base_model"] = str(base_name)  # for the model card's `base_model`; never loaded from
         data.update(safety_overrides)
+        if data.get("safety_subcategories") is None:  # a new conversion predicts the default sub-categories
+            types = data.get("safety_types") or DEFAULT_SAFETY_TYPES
+            data["safety_subcategories"] = [
+                name for name in DEFAULT_SAFETY_SUBCATEGORIES if name.split(SUBCATEGORY_SEPARATOR, 1)[0] in types
+            ]
         return cls(**data)
 
 

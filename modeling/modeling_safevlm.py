@@ -22,7 +22,7 @@ and a test fails when the code starts using a name that is not listed there.
 
 from __future__ import annotations
 
-import inspect
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.generation import LogitsProcessorList
+from transformers.generation import GenerationMode, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llava.modeling_llava import (
@@ -65,6 +65,7 @@ TRANSFORMERS_INTERNALS: dict[str, str] = {
     "transformers.conversion_mapping.get_checkpoint_conversion_mapping": "llava-hf checkpoints use legacy keys",
     "transformers.conversion_mapping.register_checkpoint_conversion_mapping": "... converted for registered types",
     "transformers.generation.LogitsProcessorList": "the gate joins the caller's logits processors",
+    "transformers.generation.GenerationMode": "gating allows only the decoding modes whose loop runs the gate",
     "transformers.modeling_outputs.BaseModelOutputWithPooling": "image features travel in LLaVA's own output type",
     "transformers.modeling_outputs.ModelOutput": "SafeVLMSafetyPrediction is a ModelOutput",
     "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS": "the head's attention follows `attn_implementation`",
@@ -97,12 +98,18 @@ if _release(transformers.__version__) > _release(TESTED_TRANSFORMERS[1]):
 
 # transformers renamed the cache argument `past_key_values` to `cache` in 5.24 (the old name is accepted with a
 # warning until 5.40). SafeVLM accepts both names from callers and hands LLaVA the one the installed release uses.
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
+CACHE_ARG = "cache" if "cache" in LlavaModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 _CACHE_NAMES = ("cache", "past_key_values")
 
 # llava-hf checkpoints store legacy keys (`language_model.model.*`, `language_model.lm_head`); transformers converts
 # them only for registered model types, so a SafeVLM built from such a checkpoint would otherwise get a random lm_head.
 register_checkpoint_conversion_mapping("safevlm", get_checkpoint_conversion_mapping("llava"), overwrite=True)
+
+# Decoding modes whose loop is transformers' own and runs every logits processor (the gate included). The others run
+# Hub code (contrastive search, DoLa, group / constrained beam search) or a draft model (assisted generation).
+GATED_GENERATION_MODES = frozenset(
+    {GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE}
+)
 
 # Called as `hook(save_directory, config, overwrite_model_card)` after each `save_pretrained` on the main process.
 # The safevlm_hf package registers its model-card writer here: the card generator ships with the package, not in the
@@ -122,6 +129,24 @@ def _pop_cache(kwargs: dict[str, Any]) -> Any:
 
 def _cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
+
+
+# A cache built by `SafeVLMModel.forward` carries, under this attribute, what the safety branch saw of the images
+# the cache holds. A gated `generate` that continues from a cache reads it to assess the whole conversation; a cache
+# without it (built elsewhere, or with images the safety branch never saw) cannot be assessed, and gating refuses it.
+SAFETY_CACHE_ATTRIBUTE = "safevlm_safety_context"
+
+
+@dataclass
+class CachedSafetyContext:
+    """Per row of a cached prefix: the safety features of its images (in prompt order) and the placeholders they fill."""
+
+    features: list[list[torch.Tensor]]
+    placeholders: list[int]
+
+    @classmethod
+    def empty(cls, rows: int) -> "CachedSafetyContext":
+        return cls(features=[[] for _ in range(rows)], placeholders=[0] * rows)
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
@@ -152,10 +177,13 @@ class SafeVLMModelOutputWithPast(LlavaModelOutputWithPast):
         Risk-type logits of the safety head (computed on the prompt pass only).
     safety_level_logits (`torch.Tensor` of shape `(batch_size, num_safety_levels)`, *optional*):
         Risk-level logits of the safety head.
+    safety_subcategory_logits (`torch.Tensor` of shape `(batch_size, 1 + num_safety_subcategories)`, *optional*):
+        Sub-category logits ("none" first), when the config lists sub-categories.
     """
 
     safety_type_logits: torch.Tensor | None = None
     safety_level_logits: torch.Tensor | None = None
+    safety_subcategory_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -173,12 +201,15 @@ class SafeVLMCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         Risk-type logits of the safety head.
     safety_level_logits (`torch.Tensor` of shape `(batch_size, num_safety_levels)`, *optional*):
         Risk-level logits of the safety head.
+    safety_subcategory_logits (`torch.Tensor` of shape `(batch_size, 1 + num_safety_subcategories)`, *optional*):
+        Sub-category logits ("none" first), when the config lists sub-categories.
     """
 
     lm_loss: torch.Tensor | None = None
     safety_loss: torch.Tensor | None = None
     safety_type_logits: torch.Tensor | None = None
     safety_level_logits: torch.Tensor | None = None
+    safety_subcategory_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -188,12 +219,16 @@ class SafeVLMSafetyPrediction(ModelOutput):
 
     type_logits / level_logits: raw head outputs `(batch_size, num_types)` / `(batch_size, num_levels)`.
     type_probs / level_probs: their softmax.
+    subcategory_logits / subcategory_probs: `(batch_size, 1 + num_subcategories)`, "none" first; `None` when the
+        config lists no sub-categories.
     """
 
     type_logits: torch.Tensor | None = None
     level_logits: torch.Tensor | None = None
     type_probs: torch.Tensor | None = None
     level_probs: torch.Tensor | None = None
+    subcategory_logits: torch.Tensor | None = None
+    subcategory_probs: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------ safety modules
@@ -357,6 +392,10 @@ class SafeVLMSafetyHead(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.type_classifier = nn.Linear(d, len(config.safety_types))
         self.level_classifier = nn.Linear(d, len(config.safety_levels))
+        # Only for configs that list sub-categories ("none" + one per sub-category), so older checkpoints load as they are.
+        self.subcategory_classifier = (
+            nn.Linear(d, len(config.safety_subcategories) + 1) if config.safety_subcategories else None
+        )
 
     def forward(
         self,
@@ -364,7 +403,7 @@ class SafeVLMSafetyHead(nn.Module):
         text_mask: torch.Tensor,
         features: torch.Tensor,
         feature_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         text, text_mask = _pack_left(text_embeds, text_mask)
         text = self.text_norm(self.text_proj(text))
         batch, length, d = text.shape
@@ -375,7 +414,8 @@ class SafeVLMSafetyHead(nn.Module):
         for layer in self.layers:
             x = layer(x, mask, features, feature_mask)
         pooled = self.norm(x[:, 0])
-        return self.type_classifier(pooled), self.level_classifier(pooled)
+        subcategory = self.subcategory_classifier(pooled) if self.subcategory_classifier is not None else None
+        return self.type_classifier(pooled), self.level_classifier(pooled), subcategory
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -540,8 +580,8 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         )
         return (inputs_embeds == image_embed).all(-1)
 
-    def _check_placeholders(self, placeholder_mask: torch.Tensor, counts: Sequence[int]) -> None:
-        found, expected = int(placeholder_mask.sum().item()), sum(counts)
+    def _check_placeholders(self, found: int, counts: Sequence[int]) -> None:
+        expected = sum(counts)
         if found != expected:
             per_image = counts[0] if counts else 0
             raise ValueError(
@@ -551,29 +591,54 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
                 "equal config.num_safety_tokens) and keep one '<image>' per image in the text."
             )
 
+    def _images_per_row(
+        self, placeholders_per_row: Sequence[int], image_outputs: SafeVLMImageOutputs | None
+    ) -> list[list[torch.Tensor]]:
+        """Each row's images' safety features, assigning images to rows in order by the placeholders each fills."""
+        rows: list[list[torch.Tensor]] = [[] for _ in placeholders_per_row]
+        if not any(placeholders_per_row):
+            return rows
+        counts = getattr(image_outputs, "num_placeholder_tokens", None)
+        if getattr(image_outputs, "safety_features", None) is None or counts is None:
+            raise ValueError(
+                "The prompt holds image placeholders but the safety branch was given no safety features for them "
+                "(image features passed in mm_encoder_outputs without this model's safety features, or none at all), "
+                "so the safety head cannot see the images. Pass pixel_values, or features from this model's "
+                "get_image_features(); to run without the safety head pass compute_safety=False (forward) or "
+                "safety_gating=False (generate)."
+            )
+        self._check_placeholders(int(sum(placeholders_per_row)), counts)
+        image_index = 0
+        for row, remaining in enumerate(placeholders_per_row):
+            while remaining > 0:
+                remaining -= counts[image_index]
+                rows[row].append(image_outputs.safety_features[image_index])
+                image_index += 1
+        return rows
+
     def _safety_context(
-        self, placeholder_mask: torch.Tensor, image_outputs: SafeVLMImageOutputs | None, dtype: torch.dtype
+        self,
+        placeholder_mask: torch.Tensor,
+        image_outputs: SafeVLMImageOutputs | None,
+        dtype: torch.dtype,
+        cached: CachedSafetyContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: safety tokens set 2, then the safety features of each of the row's images, padded and masked."""
+        """Per row: safety tokens set 2, then the safety features of each of the row's images, padded and masked.
+
+        `cached` holds the images of a cached prefix (their placeholders come first in the row); the remaining
+        placeholders are filled, in order, by `image_outputs`.
+        """
         head_tokens = self.safety_tokens.head_tokens.to(dtype)
         device = head_tokens.device
-        rows: list[list[torch.Tensor]] = [[head_tokens] for _ in range(placeholder_mask.shape[0])]
-        if image_outputs is not None:
-            counts = getattr(image_outputs, "num_placeholder_tokens", None)
-            if getattr(image_outputs, "safety_features", None) is None or counts is None:
-                raise ValueError(
-                    "The image features given (mm_encoder_outputs['image']) carry no safety features, so the safety "
-                    "head cannot see the images. Pass pixel_values, or features from this model's "
-                    "get_image_features(); to run without the safety head pass compute_safety=False (forward) or "
-                    "safety_gating=False (generate)."
-                )
-            self._check_placeholders(placeholder_mask, counts)
-            image_index = 0  # images are assigned to rows in order, by the placeholders each fills
-            for row, remaining in enumerate(placeholder_mask.sum(dim=1).tolist()):
-                while remaining > 0:
-                    remaining -= counts[image_index]
-                    rows[row].append(image_outputs.safety_features[image_index].to(device, dtype))
-                    image_index += 1
+        remaining = placeholder_mask.sum(dim=1).tolist()
+        rows: list[list[torch.Tensor]] = [[head_tokens] for _ in remaining]
+        if cached is not None:
+            for row in range(len(rows)):
+                rows[row] += cached.features[row]
+                remaining[row] -= cached.placeholders[row]
+        for row, images in enumerate(self._images_per_row(remaining, image_outputs)):
+            rows[row] += images
+        rows = [[part.to(device, dtype) for part in parts] for parts in rows]
         lengths = [sum(part.shape[0] for part in parts) for parts in rows]
         features = head_tokens.new_zeros(len(rows), max(lengths), head_tokens.shape[-1])
         mask = torch.zeros(len(rows), max(lengths), dtype=torch.bool, device=device)
@@ -590,8 +655,9 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         attention_mask: torch.Tensor | None,
         image_outputs: SafeVLMImageOutputs | None,
         safety_text_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's `(type_logits, level_logits)` for a prompt batch.
+        cached: CachedSafetyContext | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The head's `(type_logits, level_logits, subcategory_logits)` for a prompt batch.
 
         The head reads the prompt's token embeddings (padding and image placeholders excluded; `safety_text_mask`
         narrows it further, e.g. to exclude assistant turns in training) and the safety-enhanced features.
@@ -601,23 +667,43 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds)
         text_mask = ~placeholder_mask
         pad_token_id = getattr(self.config.get_text_config(), "pad_token_id", None)
-        if (
-            attention_mask is not None
-            and attention_mask.dim() == 4
-            and input_ids is not None
-            and pad_token_id is not None
-        ):
+        if attention_mask is not None and attention_mask.dim() == 4 and input_ids is not None and pad_token_id is not None:
             text_mask = text_mask & (input_ids != pad_token_id)
         for extra in (_token_mask(attention_mask, text_mask.shape[1]), safety_text_mask):
             if extra is not None:
                 text_mask = text_mask & extra.to(text_mask.device, torch.bool)
         head = self.safety_head
-        features, feature_mask = self._safety_context(placeholder_mask, image_outputs, head.query.dtype)
-        return head(
-            inputs_embeds.to(head.query.device, head.query.dtype),
-            text_mask.to(head.query.device),
-            features,
-            feature_mask,
+        features, feature_mask = self._safety_context(placeholder_mask, image_outputs, head.query.dtype, cached)
+        return head(inputs_embeds.to(head.query.device, head.query.dtype), text_mask.to(head.query.device), features,
+                    feature_mask)
+
+    def _record_cache_context(
+        self,
+        cache: Any,
+        before: CachedSafetyContext | None,
+        placeholder_mask: torch.Tensor,
+        image_outputs: Any,
+    ) -> None:
+        """Remember on `cache` what the safety branch saw of the images it now holds (see `CachedSafetyContext`).
+
+        When that cannot be known (a prefix recorded by nobody, or images given without safety features), the
+        record is removed, and a gated `generate` refuses to continue from the cache.
+        """
+        new = placeholder_mask.sum(dim=1).tolist()
+        counts = getattr(image_outputs, "num_placeholder_tokens", None)
+        # Images the safety branch saw, one per placeholder run (generate expands LLM features for beams, not these).
+        seen = getattr(image_outputs, "safety_features", None) is not None and sum(counts or []) == sum(new)
+        if before is None or len(before.placeholders) != len(new) or (any(new) and not seen):
+            setattr(cache, SAFETY_CACHE_ATTRIBUTE, None)
+            return
+        images = self._images_per_row(new, image_outputs)
+        setattr(
+            cache,
+            SAFETY_CACHE_ATTRIBUTE,
+            CachedSafetyContext(
+                features=[[*old, *(t.detach() for t in added)] for old, added in zip(before.features, images)],
+                placeholders=[old + count for old, count in zip(before.placeholders, new)],
+            ),
         )
 
     # -------------------------------------------------------------------------------------------------- forward
@@ -646,6 +732,9 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
             non-padding text token.
         compute_safety (`bool`, *optional*):
             Run the safety head. Defaults to `True` on a prompt pass (no cache yet) and `False` when decoding.
+
+        The returned cache remembers what the safety branch saw of its images, so a gated `generate` can continue
+        the conversation from it (see `CachedSafetyContext`).
         """
         cache = _pop_cache(kwargs)
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
@@ -659,13 +748,20 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
                 image_sizes=image_sizes,
             )
         image_outputs = mm_encoder_outputs.get("image")
-        if image_outputs is not None and (input_ids is None) != (inputs_embeds is None):
-            # LLaVA checks the count too; this message also names the safety tokens each image needs.
-            # Count from the LLM features themselves: generate expands them in place for beams / return sequences.
-            counts = [len(features) for features in image_outputs.pooler_output]
-            self._check_placeholders(self._placeholder_mask(input_ids, inputs_embeds), counts)
+        well_formed = (input_ids is None) != (inputs_embeds is None)
+        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds) if well_formed else None
+        if image_outputs is not None and well_formed:
+            # LLaVA checks the count too; this message also names the safety tokens each image needs. Count from the
+            # LLM features themselves: generate expands them in place for beams / return sequences.
+            self._check_placeholders(
+                int(placeholder_mask.sum()), [len(features) for features in image_outputs.pooler_output]
+            )
+        past_length = _cache_length(cache)
+        before = getattr(cache, SAFETY_CACHE_ATTRIBUTE, None) if past_length else None
+        if past_length == 0 and placeholder_mask is not None:
+            before = CachedSafetyContext.empty(placeholder_mask.shape[0])
         if compute_safety is None:
-            compute_safety = _cache_length(cache) == 0
+            compute_safety = past_length == 0
 
         outputs = super().forward(
             input_ids=input_ids,
@@ -676,12 +772,18 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
             **{CACHE_ARG: cache},
             **kwargs,
         )
-        type_logits = level_logits = None
+        new_cache = outputs.get(CACHE_ARG)
+        if new_cache is not None and placeholder_mask is not None:
+            self._record_cache_context(new_cache, before, placeholder_mask, image_outputs)
+        logits = (None, None, None)
         if compute_safety:
-            type_logits, level_logits = self._safety_logits(
-                input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask
-            )
-        return SafeVLMModelOutputWithPast(**outputs, safety_type_logits=type_logits, safety_level_logits=level_logits)
+            logits = self._safety_logits(input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask)
+        return SafeVLMModelOutputWithPast(
+            **outputs,
+            safety_type_logits=logits[0],
+            safety_level_logits=logits[1],
+            safety_subcategory_logits=logits[2],
+        )
 
 
 class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditionalGeneration):
@@ -733,6 +835,26 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 f"{untrained[:3]}), so the safety branch would be random. Load a trained SafeVLM checkpoint, convert a "
                 "LLaVA checkpoint with SafeVLMForConditionalGeneration.from_llava(...), or pass "
                 "allow_untrained_safety=True to load it for training."
+            )
+        broken = [
+            f"{module_name}.{name}"
+            for module_name, module in model.safety_modules().items()
+            for name, parameter in module.named_parameters()
+            if parameter.device.type != "meta" and not bool(torch.isfinite(parameter).all())
+        ]
+        if broken and not allow_untrained_safety:
+            raise ValueError(
+                f"The checkpoint's safety weights hold NaN or infinite values ({broken[:3]}): the file is corrupted or "
+                "training diverged, and every verdict would be unusable. Pass allow_untrained_safety=True to load it "
+                "anyway (e.g. to re-initialize and retrain the safety modules)."
+            )
+        if "generate" in vars(model):
+            # transformers installs a checkpoint's `custom_generate/generate.py` over `generate` on a
+            # trust_remote_code load; that loop would run without the gate. Keep the gated one.
+            del model.generate
+            logger.warning(
+                "Ignored the checkpoint's custom_generate/generate.py: it would replace SafeVLM's gated generate(). "
+                "To run it anyway, pass custom_generate=... and safety_gating=False to generate()."
             )
         return (model, info) if wants_info else model
 
@@ -835,6 +957,8 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         safety_type_labels: torch.LongTensor | None = None,
         safety_level_labels: torch.LongTensor | None = None,
+        safety_subcategory_labels: torch.LongTensor | None = None,
+        safety_num_items_in_batch: torch.Tensor | None = None,
         safety_text_mask: torch.Tensor | None = None,
         compute_safety: bool | None = None,
         **kwargs: Any,
@@ -846,12 +970,20 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             Risk-type targets (index into `config.safety_types`; -100 to ignore a row).
         safety_level_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Risk-level targets (0..len(config.safety_levels)-1; -100 to ignore a row).
+        safety_subcategory_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Sub-category targets: 0 for "none", i + 1 for `config.safety_subcategories[i]`, -100 to ignore a row
+            (rows without sub-labels, e.g. PSA-VLM's).
+        safety_num_items_in_batch (`torch.Tensor` of shape `(3,)`, *optional*):
+            Labelled rows (type, level, sub-category) in the whole optimizer step, so the safety terms are sums over
+            this micro-batch divided by the step's counts, as `num_items_in_batch` does for the LM loss. Without it,
+            each term is this batch's mean.
         safety_text_mask (`torch.Tensor`, *optional*):
             Tokens the safety head may read; see [`SafeVLMModel.forward`].
         compute_safety (`bool`, *optional*):
             Force the safety head on or off (default: on for prompt passes).
         """
-        wants_safety_loss = safety_type_labels is not None or safety_level_labels is not None
+        safety_labels = (safety_type_labels, safety_level_labels, safety_subcategory_labels)
+        wants_safety_loss = any(labels_ is not None for labels_ in safety_labels)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -877,7 +1009,9 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             )
         if wants_safety_loss:
             safety_loss = self._safety_loss(
-                outputs.safety_type_logits, outputs.safety_level_logits, safety_type_labels, safety_level_labels
+                (outputs.safety_type_logits, outputs.safety_level_logits, outputs.safety_subcategory_logits),
+                safety_labels,
+                safety_num_items_in_batch,
             )
         if lm_loss is not None or safety_loss is not None:
             loss = lm_loss if lm_loss is not None else 0.0
@@ -889,24 +1023,40 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             loss=loss, logits=logits, lm_loss=lm_loss, safety_loss=safety_loss, **fields
         )
 
-    def _safety_loss(self, type_logits, level_logits, type_labels, level_labels) -> torch.Tensor:
-        loss = type_logits.new_zeros(())
-        for name, logits, labels, names in (
-            ("safety_type_labels", type_logits, type_labels, self.config.safety_types),
-            ("safety_level_labels", level_logits, level_labels, self.config.safety_levels),
-        ):
-            if labels is None:
+    def _safety_loss(
+        self,
+        logits: Sequence[torch.Tensor | None],
+        labels: Sequence[torch.Tensor | None],
+        num_items: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`CE(type) + CE(level) [+ CE(sub-category)]`: each a mean over its labelled rows, or a sum over this batch
+        divided by the step's count when `num_items` (one count per term) is given."""
+        loss = logits[0].new_zeros((), dtype=torch.float32)
+        names = (
+            ("safety_type_labels", self.config.safety_types),
+            ("safety_level_labels", self.config.safety_levels),
+            ("safety_subcategory_labels", ["none", *self.config.safety_subcategories]),
+        )
+        for index, ((name, label_names), term_logits, term_labels) in enumerate(zip(names, logits, labels)):
+            if term_labels is None:
                 continue
-            labels = labels.to(logits.device).view(-1)
-            bad = (labels != -100) & ((labels < 0) | (labels >= len(names)))
+            if term_logits is None:
+                raise ValueError(f"{name} were given but the config lists no safety_subcategories to predict.")
+            term_labels = term_labels.to(term_logits.device).view(-1)
+            bad = (term_labels != -100) & ((term_labels < 0) | (term_labels >= len(label_names)))
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(
-                    f"{name}[{row}] = {int(labels[row])} is not a valid label: use 0..{len(names) - 1} "
-                    f"({list(names)}) or -100 to ignore the row."
+                    f"{name}[{row}] = {int(term_labels[row])} is not a valid label: use 0..{len(label_names) - 1} "
+                    f"({list(label_names)}) or -100 to ignore the row."
                 )
-            if bool((labels != -100).any()):
-                loss = loss + F.cross_entropy(logits.float(), labels, ignore_index=-100)
+            if not bool((term_labels != -100).any()):
+                continue
+            if num_items is None:
+                loss = loss + F.cross_entropy(term_logits.float(), term_labels, ignore_index=-100)
+            else:
+                total = F.cross_entropy(term_logits.float(), term_labels, ignore_index=-100, reduction="sum")
+                loss = loss + total / num_items[index].to(total.device).clamp(min=1)
         return loss
 
     # ------------------------------------------------------------------------------------------------ safety API
@@ -921,45 +1071,66 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         safety_text_mask: torch.Tensor | None = None,
         **unused: Any,
     ) -> SafeVLMSafetyPrediction:
-        """Classify-only path: vision tower + safety branch + head, no LLM forward.
+        """Classify: the safety head's logits and probabilities for a prompt batch, with no LLM forward.
 
-        Accepts a processor's outputs (`**processor(images=..., text=...)`); returns logits and probabilities.
+        Runs the vision tower, the safety projector and the head (LLaVA's projector is skipped too). Accepts a
+        processor's outputs (`**processor(images=..., text=...)`). :meth:`assess` turns the result into verdicts.
         """
+        self._warn_if_untrained()
         image_outputs = None
         if pixel_values is not None:
             image_outputs = self.model._image_safety_features(pixel_values, image_sizes)
         return self._prediction(input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask)
 
     def _prediction(
-        self, input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask=None
+        self, input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask=None, cached=None
     ) -> SafeVLMSafetyPrediction:
-        type_logits, level_logits = self.model._safety_logits(
-            input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask
+        type_logits, level_logits, subcategory_logits = self.model._safety_logits(
+            input_ids, inputs_embeds, attention_mask, image_outputs, safety_text_mask, cached
         )
         return SafeVLMSafetyPrediction(
             type_logits=type_logits,
             level_logits=level_logits,
             type_probs=type_logits.float().softmax(-1),
             level_probs=level_logits.float().softmax(-1),
+            subcategory_logits=subcategory_logits,
+            subcategory_probs=subcategory_logits.float().softmax(-1) if subcategory_logits is not None else None,
         )
 
     def safety_policy(self, safety_policy: SafetyPolicy | dict | str | None = None) -> SafetyPolicy:
-        """The policy in force: `safety_policy` if given (validated), else the checkpoint's `config.safety_policy`."""
-        return SafetyPolicy.coerce(
-            safety_policy if safety_policy is not None else self.config.safety_policy,
-            self.config.safety_types,
-            len(self.config.safety_levels),
-        )
+        """The policy in force, validated and bound to this model's labels: `safety_policy` if given, else the
+        checkpoint's `config.safety_policy`. A `SafetyPolicy` already bound to these labels is used as it is."""
+        return self.config.bound_safety_policy(safety_policy)
 
     def _verdicts(
-        self, prediction: SafeVLMSafetyPrediction, policy: SafetyPolicy, safety_profile: str | None = None
+        self,
+        prediction: SafeVLMSafetyPrediction,
+        policy: SafetyPolicy,
+        safety_profile: str | None = None,
+        safety_response: str | None = None,
     ) -> list[SafetyVerdict]:
         type_probs = prediction.type_probs.tolist()
         level_probs = prediction.level_probs.tolist()
-        return [
-            policy.decide(t, l, self.config.safety_types, self.config.safety_levels, safety_profile)
-            for t, l in zip(type_probs, level_probs)
+        sub_probs = prediction.subcategory_probs.tolist() if prediction.subcategory_probs is not None else None
+        verdicts = [
+            policy.decide(t, l, safety_profile, sub_probs[row] if sub_probs else None, safety_response)
+            for row, (t, l) in enumerate(zip(type_probs, level_probs))
         ]
+        unassessed = [row for row, verdict in enumerate(verdicts) if not verdict.assessed]
+        if unassessed:
+            logger.warning(
+                f"The safety head gave non-finite outputs for row(s) {unassessed} (NaN or infinite input values or "
+                "weights): those rows are refused with the policy's 'unassessed' message."
+            )
+        return verdicts
+
+    def _warn_if_untrained(self) -> None:
+        if not self.config.safety_training_stages and not getattr(self, "_warned_untrained", False):
+            self._warned_untrained = True
+            logger.warning(
+                "This SafeVLM's safety branch has no recorded training (config.safety_training_stages is empty, as "
+                "after a fresh conversion from LLaVA): its verdicts are random until Stage I training has run."
+            )
 
     @torch.no_grad()
     def assess(
@@ -971,12 +1142,14 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         image_sizes: torch.Tensor | None = None,
         safety_profile: str | None = None,
         safety_policy: SafetyPolicy | dict | str | None = None,
+        safety_response: str | None = None,
         **unused: Any,
     ) -> list[SafetyVerdict]:
-        """One :class:`SafetyVerdict` per row (category, level, action, forced message, probabilities).
+        """Verdicts: one :class:`SafetyVerdict` per row (category, level, action, forced message, probabilities).
 
         `safety_profile` picks the audience/region profile (default: the policy's `default_profile`);
-        `safety_policy` replaces the checkpoint's policy for this call only.
+        `safety_policy` replaces the checkpoint's policy for this call only. A verdict that cannot be computed
+        (non-finite head outputs) is a refusal, never an answer.
         """
         policy = self.safety_policy(safety_policy)
         prediction = self.predict_safety(
@@ -986,7 +1159,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             inputs_embeds=inputs_embeds,
             image_sizes=image_sizes,
         )
-        return self._verdicts(prediction, policy, safety_profile)
+        return self._verdicts(prediction, policy, safety_profile, safety_response)
 
     # ------------------------------------------------------------------------------------------------ generation
     def set_safety_tokenizer(self, tokenizer: Any) -> None:
@@ -1034,6 +1207,93 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         batch = mask.shape[0] if mask is not None else 1
         return torch.full((batch, 1), int(bos), dtype=torch.long, device=self.device)
 
+    def _check_gated_decoding(self, generation_config: Any, kwargs: dict[str, Any]) -> None:
+        """Refuse, under gating, every decoding route that would run code other than ours around the gate."""
+        if kwargs.get("custom_generate") is not None:
+            raise ValueError(
+                "custom_generate cannot be combined with safety gating (its decoding loop may skip the gate). "
+                "Pass safety_gating=False explicitly if you accept ungated output."
+            )
+        probe = copy.deepcopy(generation_config)
+        probe.update(**{key: value for key, value in kwargs.items() if hasattr(probe, key)})
+        mode = probe.get_generation_mode(kwargs.get("assistant_model"))
+        if mode not in GATED_GENERATION_MODES:
+            raise ValueError(
+                f"{mode.value} decoding is not available under safety gating: transformers runs it from Hub code "
+                "(or a draft model) that the gate does not control. Use greedy search, sampling or beam search, or "
+                "pass safety_gating=False explicitly if you accept ungated output."
+            )
+
+    def _gated_images(self, kwargs: dict[str, Any]) -> SafeVLMImageOutputs | None:
+        """The images of a gated call, encoded once: the safety branch keeps them, the LLM gets its own copy.
+
+        Images arrive as `pixel_values` or as this model's `get_image_features` output in `mm_encoder_outputs`;
+        features without safety features are refused (the safety branch could not see those images).
+        """
+        pixel_values = kwargs.pop("pixel_values", None)
+        given = dict(kwargs.get("mm_encoder_outputs") or {})
+        if pixel_values is not None:
+            if given.get("image") is not None:
+                raise ValueError("You cannot pass both: raw pixels and pre-computed embeddings for input image")
+            image_outputs = self.model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                image_sizes=kwargs.get("image_sizes"),
+            )
+        else:
+            image_outputs = given.get("image")
+            if image_outputs is None:
+                return None
+            if getattr(image_outputs, "safety_features", None) is None:
+                raise ValueError(
+                    "generate() got image features in mm_encoder_outputs without this model's safety features, so "
+                    "the safety branch cannot see those images. Pass pixel_values (or this model's "
+                    "get_image_features() output), or safety_gating=False explicitly if you accept ungated output."
+                )
+        # generate expands the LLM features in place for beams / return sequences: hand it its own object.
+        given["image"] = BaseModelOutputWithPooling(pooler_output=list(image_outputs.pooler_output))
+        kwargs["mm_encoder_outputs"] = given
+        return image_outputs
+
+    def _gated_text(self, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:
+        """Refuse prompt embeddings the safety branch cannot read as text (e.g. with image features merged in)."""
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return
+        if input_ids is None:
+            raise ValueError(
+                "generate(inputs_embeds=...) without input_ids cannot be gated: the safety branch cannot tell text "
+                "from image features merged into the embeddings. Pass input_ids (and pixel_values for the images), "
+                "or safety_gating=False explicitly if you accept ungated output."
+            )
+        expected = self.get_input_embeddings()(input_ids.to(self.get_input_embeddings().weight.device))
+        if embeds.shape != expected.shape or not torch.equal(embeds, expected.to(embeds.device, embeds.dtype)):
+            raise ValueError(
+                "generate(inputs_embeds=...) holds embeddings that are not the token embeddings of input_ids (e.g. image "
+                "features merged in), which the safety branch cannot read. Pass input_ids and pixel_values instead, "
+                "or safety_gating=False explicitly if you accept ungated output."
+            )
+
+    def _gated_cache(self, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> CachedSafetyContext | None:
+        """What the safety branch saw of a cached prefix; refuses a cache whose content it cannot know."""
+        cache = kwargs.get(CACHE_ARG)
+        cached_length = _cache_length(cache)
+        if cached_length == 0:
+            return None
+        context = getattr(cache, SAFETY_CACHE_ATTRIBUTE, None)
+        prefix = input_ids[:, :cached_length] if input_ids is not None else None
+        seen = (prefix == self.config.image_token_id).sum(dim=1).tolist() if prefix is not None else None
+        if context is None or seen is None or context.placeholders != seen:
+            raise ValueError(
+                "generate() under safety gating was given a cache whose content the safety branch has not seen (it was "
+                "not built by this model's forward()/generate(), or its images reached the LLM without the safety "
+                "branch). Continue from a cache this model returned, with input_ids holding the whole conversation; "
+                "pass the conversation without a cache; or pass safety_gating=False explicitly if you accept ungated "
+                "output."
+            )
+        return context
+
     @torch.no_grad()
     def generate(
         self,
@@ -1054,6 +1314,12 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         logits processors: `"refuse"` rows produce exactly the refusal message then EOS, `"caution"` rows start with
         the caution prefix, `"answer"` rows are untouched.
 
+        Every route into the LLM is gated or refused: images arrive as `pixel_values` or as this model's
+        `get_image_features` output; `inputs_embeds` must be the token embeddings of `input_ids`; a cache must come
+        from this model (it remembers what the safety branch saw, so a conversation keeps its verdict across turns);
+        decoding modes that run Hub code or a draft model (`custom_generate`, contrastive search, DoLa, group or
+        constrained beam search, assisted generation) are refused. A verdict that cannot be computed is a refusal.
+
         Args:
             safety_profile (`str`, *optional*): audience/region profile of the policy (e.g. `"minor"`).
             safety_policy (`SafetyPolicy | dict | str`, *optional*): replaces the checkpoint's policy for this call.
@@ -1071,35 +1337,20 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         if not safety_gating:
             return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
-        if kwargs.get("custom_generate") is not None:
-            raise ValueError(
-                "custom_generate cannot be combined with safety gating (its decoding loop may skip the gate). "
-                "Pass safety_gating=False explicitly if you accept ungated output."
-            )
         gen_config = generation_config if generation_config is not None else self.generation_config
+        self._check_gated_decoding(gen_config, kwargs)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None and kwargs.get("inputs_embeds") is None:
             input_ids = inputs = self._start_tokens(gen_config, kwargs)
-        pixel_values = kwargs.pop("pixel_values", None)
-        image_outputs = None
-        if pixel_values is not None:
-            # Encode once; the LLM path reuses it through mm_encoder_outputs, the safety branch through image_outputs.
-            image_outputs = self.model.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                image_sizes=kwargs.get("image_sizes"),
-            )
-            # generate expands the LLM features in place for beams / return sequences: hand it its own object.
-            kwargs["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithPooling(pooler_output=list(image_outputs.pooler_output))
-            }
+        self._gated_text(input_ids, kwargs)
+        cached = self._gated_cache(input_ids, kwargs)
+        image_outputs = self._gated_images(kwargs)
 
         policy = self.safety_policy(safety_policy)
-        profile = safety_profile if safety_profile is not None else policy.default_profile
-        policy.profile_info(profile)  # unknown profile -> clear error listing the known ones
+        profile = policy.check_profile(safety_profile)
+        self._warn_if_untrained()
         prediction = self._prediction(
-            input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), image_outputs
+            input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), image_outputs, cached=cached
         )
         verdicts = self._verdicts(prediction, policy, profile)
 
@@ -1107,7 +1358,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         if isinstance(eos, (list, tuple)):
             eos = None
-        if eos is None and any(v.action == "refuse" for v in verdicts):
+        if eos is None and any(v.refused for v in verdicts):
             raise ValueError(
                 "Refusal gating needs an end-of-sequence token: pass eos_token_id (an int or a non-empty list) or set "
                 "generation_config.eos_token_id."
@@ -1118,18 +1369,47 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             forced_token_ids=[
                 None if v.action == "answer" else self._encode_message(tokenizer, v.message) for v in verdicts
             ],
-            end_with_eos=[v.action == "refuse" for v in verdicts],
+            end_with_eos=[v.refused for v in verdicts],
             eos_token_id=eos,
             prompt_length=input_ids.shape[1] if input_ids is not None else 0,
         )
         processors = LogitsProcessorList(list(logits_processor) if logits_processor is not None else [])
         processors.append(gate)
         output = super().generate(inputs, generation_config, processors, **kwargs)
+        self._remember_images(kwargs.get(CACHE_ARG), output, input_ids, cached, image_outputs)
         if isinstance(output, ModelOutput):
             output["sequences"] = gate.enforce(output["sequences"])
             output["safety_verdicts"] = verdicts
             return output
         return gate.enforce(output)
+
+    def _remember_images(self, given_cache, output, input_ids, cached, image_outputs) -> None:
+        """Record on the cache a gated call leaves behind what the safety branch saw of its images."""
+        returned = output.get(CACHE_ARG) if isinstance(output, ModelOutput) else None
+        if (given_cache is None and returned is None) or input_ids is None:
+            return
+        rows = input_ids.shape[0]
+        before = cached if cached is not None else CachedSafetyContext.empty(rows)
+        new = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        new = [count - old for count, old in zip(new, before.placeholders)]
+        images = self.model._images_per_row(new, image_outputs)
+        context = CachedSafetyContext(
+            features=[[*old, *(t.detach() for t in added)] for old, added in zip(before.features, images)],
+            placeholders=[old + count for old, count in zip(before.placeholders, new)],
+        )
+        if given_cache is not None:
+            setattr(given_cache, SAFETY_CACHE_ATTRIBUTE, context)
+        if returned is not None and returned is not given_cache:
+            # The returned cache has a row per returned sequence (beams / num_return_sequences expand each input row).
+            expand = max(output["sequences"].shape[0] // rows, 1)
+            setattr(
+                returned,
+                SAFETY_CACHE_ATTRIBUTE,
+                CachedSafetyContext(
+                    features=[row for row in context.features for _ in range(expand)],
+                    placeholders=[row for row in context.placeholders for _ in range(expand)],
+                ),
+            )
 
 
 SafeVLMConfig.register_for_auto_class()

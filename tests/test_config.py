@@ -21,7 +21,19 @@ def test_defaults_follow_the_paper():
     assert config.safety_levels == list(DEFAULT_SAFETY_LEVELS) and len(config.safety_levels) == 4
     assert config.safety_feature_layer == config.vision_feature_layer
     assert config.safety_loss_weight == 10.0
+    # A config without sub-categories (as saved before they existed) gets the default policy for its labels.
+    assert config.safety_subcategories == []
+    assert SafetyPolicy.from_dict(config.safety_policy) == SafetyPolicy.default(config.safety_types, subcategories=[])
+
+
+def test_a_new_conversion_predicts_the_sexual_content_sub_category():
+    config = SafeVLMConfig.from_llava_config(LlavaConfig())
+    assert config.safety_subcategories == ["Illegal Risk/Sexual content"]
     assert SafetyPolicy.from_dict(config.safety_policy) == SafetyPolicy.default()
+    custom = SafeVLMConfig.from_llava_config(LlavaConfig(), safety_types=["Harm", "Safe"])
+    assert custom.safety_subcategories == []  # no default sub-category fits this taxonomy
+    with pytest.raises(ValueError, match="safety_subcategories entry 'Harm' must be 'Type/Sub-category'"):
+        SafeVLMConfig.from_llava_config(LlavaConfig(), safety_types=["Harm", "Safe"], safety_subcategories=["Harm"])
 
 
 def test_from_llava_config_keeps_every_llava_field():

@@ -61,8 +61,11 @@ def steered(_tiny_safevlm_pair):
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     torch.manual_seed(0)
     model.train()
+    no_subcategory = torch.zeros_like(types)  # none of the prompts is sexual content
     for _ in range(60):
-        loss = model(**inputs, safety_type_labels=types, safety_level_labels=levels).safety_loss
+        loss = model(
+            **inputs, safety_type_labels=types, safety_level_labels=levels, safety_subcategory_labels=no_subcategory
+        ).safety_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -112,8 +115,9 @@ def test_refuse_everything_yields_exactly_the_message_in_every_mode(tiny_safevlm
 def test_message_longer_than_max_new_tokens_gives_its_prefix(tiny_safevlm):
     model, processor = tiny_safevlm
     inputs = _batch(processor, ["hi"])
-    verdict = model.assess(**inputs)[0]
-    out = model.generate(**inputs, max_new_tokens=3, safety_policy={**REFUSE_ALL, "messages": {}})
+    policy = {**REFUSE_ALL, "messages": {}}
+    verdict = model.assess(**inputs, safety_policy=policy)[0]
+    out = model.generate(**inputs, max_new_tokens=3, safety_policy=policy)
     expected = processor.tokenizer.encode(verdict.message, add_special_tokens=False)[:3]
     assert out[0, inputs["input_ids"].shape[1] :].tolist() == expected
 

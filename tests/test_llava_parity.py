@@ -39,9 +39,10 @@ def test_return_dict_false_gives_the_same_values_as_a_tuple(pair, images):
     assert isinstance(as_tuple, tuple) and isinstance(base_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], as_dict.logits)
     assert len(as_tuple) == len(as_dict.to_tuple())
-    if isinstance(model, SafeVLMForConditionalGeneration):
-        torch.testing.assert_close(as_tuple[-2], as_dict.safety_type_logits)
-        torch.testing.assert_close(as_tuple[-1], as_dict.safety_level_logits)
+    if isinstance(model, SafeVLMForConditionalGeneration):  # the safety fields come last, in declaration order
+        torch.testing.assert_close(as_tuple[-3], as_dict.safety_type_logits)
+        torch.testing.assert_close(as_tuple[-2], as_dict.safety_level_logits)
+        torch.testing.assert_close(as_tuple[-1], as_dict.safety_subcategory_logits)
 
 
 def test_get_image_features_follows_the_5x_contract(pair, images):

@@ -11,7 +11,7 @@ TYPES = list(DEFAULT_SAFETY_TYPES)
 
 @pytest.fixture
 def policy():
-    return SafetyPolicy.default(TYPES, 4)
+    return SafetyPolicy.default(TYPES, 4, DEFAULT_SAFETY_LEVELS, ["Illegal Risk/Sexual content"])
 
 
 def test_default_levels(policy):
@@ -26,11 +26,21 @@ def test_illegal_risk_is_strict_by_default_and_not_relaxed_by_generic_profiles(p
     assert policy.action("Illegal Risk", 2, "adult") == "refuse"
 
 
-def test_region_profile_relaxes_levels_1_2_for_types_it_allows(policy):
-    assert policy.action("Illegal Risk", 2, "adult_eu_pegi") == "caution"
-    assert policy.action("Illegal Risk", 1, "adult_eu_pegi") == "caution"
+def test_region_profile_relaxes_sexual_content_and_nothing_else_of_illegal_risk(policy):
+    sexual = "Illegal Risk/Sexual content"
+    assert policy.action("Illegal Risk", 2, "adult_eu_pegi", sexual) == "caution"
+    assert policy.action("Illegal Risk", 1, "adult_eu_pegi", sexual) == "caution"
+    assert policy.action("Illegal Risk", 3, "adult_eu_pegi", sexual) == "refuse"
+    # crime, violence, drugs: the rest of "Illegal Risk" stays refused in the same profile
+    assert [policy.action("Illegal Risk", lvl, "adult_eu_pegi") for lvl in range(4)] == [
+        "answer", "refuse", "refuse", "refuse"
+    ]
     assert policy.action("Politics", 2, "adult_eu_pegi") == "caution"  # inherited from "adult"
-    assert policy.action("Illegal Risk", 3, "adult_eu_pegi") == "refuse"
+    # sexual content is strict in every other profile
+    for profile in ("default", "adult", "minor", "minor_eu_pegi"):
+        assert [policy.action("Illegal Risk", lvl, profile, sexual) for lvl in range(4)] == [
+            "answer", "refuse", "refuse", "refuse"
+        ], profile
 
 
 def test_minor_profile_refuses_every_risky_level(policy):
@@ -149,16 +159,17 @@ def test_messages_spell_out_the_reason_and_are_overridable():
 
 
 def test_decide_builds_a_verdict_from_probabilities(policy):
-    verdict = policy.decide([0, 0, 0, 0, 0.9, 0.05, 0.05], [0.1, 0.2, 0.6, 0.1], TYPES, DEFAULT_SAFETY_LEVELS)
+    verdict = policy.decide([0, 0, 0, 0, 0.9, 0.05, 0.05], [0.1, 0.2, 0.6, 0.1])
     assert isinstance(verdict, SafetyVerdict)
     assert (verdict.category, verdict.level, verdict.action) == ("Privacy", 2, "refuse")
     assert verdict.refused and "personal or private information" in verdict.message
     assert verdict.type_probs["Privacy"] == pytest.approx(0.9) and verdict.level_probs[2] == pytest.approx(0.6)
-    adult = policy.decide([0, 0, 0, 0, 0.9, 0.05, 0.05], [0.1, 0.2, 0.6, 0.1], TYPES, DEFAULT_SAFETY_LEVELS, "adult")
+    adult = policy.decide([0, 0, 0, 0, 0.9, 0.05, 0.05], [0.1, 0.2, 0.6, 0.1], "adult")
     assert adult.action == "caution" and adult.profile == "adult"
     assert verdict.to_dict()["category"] == "Privacy"
 
 
 def test_action_table_for_cards(policy):
     table = policy.action_table("minor")
-    assert table["Privacy"] == ["answer", "refuse", "refuse", "refuse"] and set(table) == set(TYPES)
+    assert table["Privacy"] == ["answer", "refuse", "refuse", "refuse"]
+    assert set(table) == {*TYPES, "Illegal Risk/Sexual content"}  # sub-categories get their own row

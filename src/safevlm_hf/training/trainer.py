@@ -105,6 +105,9 @@ class SafeVLMTrainer(Trainer):
             eval_dataset = self._prepare_dataset(eval_dataset, base, args, is_train=False)
 
         model = self._prepare_model(model, args, peft_config)
+        if args.label_names is None:
+            # The targets the collator gives; the Trainer would otherwise expect every `*label*` forward argument.
+            args.label_names = ["labels", "safety_type_labels", "safety_level_labels"]
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("SafeVLMTrainer needs processing_class (the SafeVLMProcessor) or a data_collator.")
