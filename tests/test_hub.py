@@ -19,8 +19,8 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
 
 from safevlm_hf.hub import CheckpointFolderError, build_push_call, check_upload_folder, push_to_hub, remote_code_files
-from safevlm_hf.hub_cli import register
-from safevlm_hf.modeling.modelcard_safevlm import REPO_ID_PLACEHOLDER, model_card_origin
+from safevlm_hf.hub.cli import register
+from safevlm_hf.hub.model_card import REPO_ID_PLACEHOLDER, model_card_origin
 
 from conftest import make_image
 from test_model_card import save_checkpoint_with_card

@@ -12,7 +12,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers.pipelines import SUPPORTED_TASKS
 
 from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration, SafetyPolicy
-from safevlm_hf.modeling.modelcard_safevlm import (
+from safevlm_hf.hub.model_card import (
     GENERATED_MARKER,
     REPO_ID_PLACEHOLDER,
     fill_model_card_repo_id,
@@ -24,7 +24,7 @@ from safevlm_hf.modeling.modelcard_safevlm import (
 
 SAVE_HOOK_LANDED = "write_model_card" in inspect.getsource(SafeVLMForConditionalGeneration.save_pretrained)
 UPLOAD_HOOK_LANDED = "_upload_modified_files" in SafeVLMForConditionalGeneration.__dict__
-CARD_LOGGER = "safevlm_hf.modeling.modelcard_safevlm"
+CARD_LOGGER = "safevlm_hf.hub.model_card"
 
 REPORT = {
     "results": [
@@ -421,7 +421,8 @@ def test_save_pretrained_writes_the_card_on_the_main_process_only(tiny_safevlm, 
     model, _ = tiny_safevlm
     model.save_pretrained(tmp_path / "main")
     assert model_card_origin((tmp_path / "main" / "README.md").read_text()) == "generated"
-    assert (tmp_path / "main" / "modelcard_safevlm.py").is_file()  # the generator travels with the code
+    # the generator is package code: none of the files that travel in the checkpoint holds it
+    assert not any("def render_model_card" in p.read_text() for p in (tmp_path / "main").glob("*.py"))
     model.save_pretrained(tmp_path / "worker", is_main_process=False)
     assert not (tmp_path / "worker" / "README.md").exists()
 
@@ -457,4 +458,5 @@ def test_model_push_to_hub_uploads_our_card(tiny_safevlm, monkeypatch):
     (contents,) = commits
     text = contents["README.md"].decode("utf-8")
     assert model_card_origin(text) == "generated" and 'repo_id = "acme/safevlm-tiny"' in text
-    assert "modelcard_safevlm.py" in contents and "model.safetensors" in contents
+    assert "modeling_safevlm.py" in contents and "model.safetensors" in contents
+    assert not any(b"def render_model_card" in data for name, data in contents.items() if name.endswith(".py"))

@@ -6,6 +6,8 @@ Importing the package registers SafeVLM with `AutoConfig`, `AutoModel`, `AutoMod
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+from .hub.model_card import write_model_card
+from .modeling import modelcard_safevlm as _card_bridge
 from .modeling.configuration_safevlm import SafeVLMConfig
 from .modeling.gating_safevlm import SafetyGateLogitsProcessor
 from .modeling.modeling_safevlm import (
@@ -32,6 +34,10 @@ AutoConfig.register("safevlm", SafeVLMConfig, exist_ok=True)
 AutoModel.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SafeVLMConfig, SafeVLMProcessor, exist_ok=True)
+
+# The model-card generator is package code, not checkpoint code: hand it to the modeling file's card bridge so that
+# `save_pretrained` keeps writing README.md (transitional; see modeling/modelcard_safevlm.py).
+_card_bridge.install_model_card_writer(write_model_card)
 
 __all__ = [
     "DEFAULT_SAFETY_LEVELS",

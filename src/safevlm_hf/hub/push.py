@@ -31,7 +31,7 @@ from transformers.utils import (
     logging,
 )
 
-from .modeling.modelcard_safevlm import MODEL_CARD_NAME, fill_model_card_repo_id
+from .model_card import MODEL_CARD_NAME, fill_model_card_repo_id
 
 
 logger = logging.get_logger(__name__)

@@ -10,7 +10,7 @@ import sys
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from .hub import CheckpointFolderError, build_push_call, push_to_hub
+from .push import CheckpointFolderError, build_push_call, push_to_hub
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
