@@ -135,6 +135,32 @@ def test_vlguard_unknown_category_is_a_bad_row_and_subcategory_falls_back(tmp_pa
     assert (dataset.examples[3].safe_type, dataset.examples[3].safe_level) == (1, 3)  # "risky behavior" fallback
 
 
+def test_one_vlguard_parser_serves_training_and_evaluation(tmp_path):
+    # Training rows and evaluation items come from the same parse: same prompts, images and ids, one error text.
+    from safevlm_hf.evaluation import load_vlguard as load_vlguard_items
+
+    source = FIXTURES / "vlguard"
+    shutil.copytree(source, tmp_path / "vl")
+    entries = json.loads((source / "train.json").read_text())
+    entries[0]["instr-resp"].reverse()  # the pair order does not matter to either
+    path = tmp_path / "vl" / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entries).encode())  # a BOM, as editors leave one
+    rows, items = load_vlguard(path), load_vlguard_items(path)
+    assert [e.messages[0]["content"] for e in rows.examples] == [i.prompt for i in items]
+    assert [e.image for e in rows.examples] == [str(i.image.absolute()) for i in items]
+    assert [i.id for i in items][:2] == ["Priv_000001/safe_safes", "Priv_000001/safe_unsafes"]
+    del entries[1]["instr-resp"][0]["instruction"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(SafetyDataError) as training_error:
+        load_vlguard(path)
+    with pytest.raises(ValueError) as evaluation_error:
+        load_vlguard_items(path)
+    assert str(training_error.value) == str(evaluation_error.value)
+    assert "entry 1 (id Ads_000002): an unsafe image's 'instr-resp' must hold one {'instruction'" in str(
+        training_error.value
+    )
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 BAD_ROWS = {
     "missing image": (_row(image="nowhere.png"), r"image file '.*nowhere\.png' does not exist"),
