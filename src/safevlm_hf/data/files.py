@@ -22,8 +22,15 @@ from .examples import SafetyDataError
 _BOM = b"\xef\xbb\xbf"
 
 
-def _not_utf8(where: str, err: UnicodeDecodeError) -> SafetyDataError:
-    return SafetyDataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); save the file as UTF-8.")
+def _not_utf8(where: str, err: UnicodeDecodeError, whole_file: bool) -> SafetyDataError:
+    """The error for bytes that are not UTF-8, at the line (of a whole file) and column where decoding failed."""
+    newline = b"\n"
+    line_start = err.object.rfind(newline, 0, err.start) + 1
+    if whole_file:
+        where = f"{where}, line {err.object.count(newline, 0, err.start) + 1}"
+    return SafetyDataError(
+        f"{where}: not valid UTF-8 at column {err.start - line_start + 1} ({err.reason}); save the file as UTF-8."
+    )
 
 
 def _deepest_line(text: str) -> tuple[int, int]:
@@ -81,8 +88,7 @@ def read_json_file(path: str | os.PathLike) -> Any:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise _not_utf8(f"{path}, line {line}", err) from None
+        raise _not_utf8(str(path), err, whole_file=True) from None
     return _parse_json(text, str(path), whole_file=True)
 
 
@@ -109,7 +115,7 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield location, _not_utf8(location, err)
+                yield location, _not_utf8(location, err, whole_file=False)
                 continue
             if not line.strip():
                 continue  # blank lines (e.g. a trailing one) are not rows
