@@ -164,11 +164,11 @@ class SafeVLMConfig(LlavaConfig):
         subcategories = self.safety_subcategories
         if not isinstance(subcategories, (list, tuple)) or len(set(subcategories)) != len(subcategories):
             raise ValueError(f"safety_subcategories must be a list of distinct strings, got {subcategories!r}.")
-        for name in subcategories:
-            parent = name.split(SUBCATEGORY_SEPARATOR, 1)[0] if isinstance(name, str) else None
-            if parent not in self.safety_types or SUBCATEGORY_SEPARATOR not in name:
+        for entry in subcategories:
+            parent = entry.split(SUBCATEGORY_SEPARATOR, 1)[0] if isinstance(entry, str) else None
+            if parent not in self.safety_types or SUBCATEGORY_SEPARATOR not in entry:
                 raise ValueError(
-                    f"safety_subcategories entry {name!r} must be 'Type/Sub-category' with Type one of "
+                    f"safety_subcategories entry {entry!r} must be 'Type/Sub-category' with Type one of "
                     f"safety_types {list(self.safety_types)}."
                 )
         # The policy may come from an untrusted config.json: validate it against this label space before use.

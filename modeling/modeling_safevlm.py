@@ -124,22 +124,21 @@ def _pop_cache(kwargs: dict[str, Any]) -> Any:
         kwargs.pop(name, None)
     if len(given) > 1:
         raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
-    return next(iter(given.values()), None)
+    return list(given.values())[0] if given else None
 
 
 def _cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
-# A cache built by `SafeVLMModel.forward` carries, under this attribute, what the safety branch saw of the images
-# the cache holds. A gated `generate` that continues from a cache reads it to assess the whole conversation; a cache
-# without it (built elsewhere, or with images the safety branch never saw) cannot be assessed, and gating refuses it.
-SAFETY_CACHE_ATTRIBUTE = "safevlm_safety_context"
-
-
 @dataclass
 class CachedSafetyContext:
-    """Per row of a cached prefix: the safety features of its images (in prompt order) and the placeholders they fill."""
+    """Per row of a cached prefix: the safety features of its images (in prompt order) and the placeholders they fill.
+
+    A cache built by `SafeVLMModel.forward` or a gated `generate` carries one as `cache.safevlm_safety_context`. A gated
+    `generate` that continues from a cache reads it to assess the whole conversation; a cache without it (built
+    elsewhere, or with images the safety branch never saw) cannot be assessed, and gating refuses it.
+    """
 
     features: list[list[torch.Tensor]]
     placeholders: list[int]
@@ -694,16 +693,12 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         # Images the safety branch saw, one per placeholder run (generate expands LLM features for beams, not these).
         seen = getattr(image_outputs, "safety_features", None) is not None and sum(counts or []) == sum(new)
         if before is None or len(before.placeholders) != len(new) or (any(new) and not seen):
-            setattr(cache, SAFETY_CACHE_ATTRIBUTE, None)
+            cache.safevlm_safety_context = None
             return
         images = self._images_per_row(new, image_outputs)
-        setattr(
-            cache,
-            SAFETY_CACHE_ATTRIBUTE,
-            CachedSafetyContext(
-                features=[[*old, *(t.detach() for t in added)] for old, added in zip(before.features, images)],
-                placeholders=[old + count for old, count in zip(before.placeholders, new)],
-            ),
+        cache.safevlm_safety_context = CachedSafetyContext(
+            features=[[*old, *(t.detach() for t in added)] for old, added in zip(before.features, images)],
+            placeholders=[old + count for old, count in zip(before.placeholders, new)],
         )
 
     # -------------------------------------------------------------------------------------------------- forward
@@ -757,7 +752,7 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
                 int(placeholder_mask.sum()), [len(features) for features in image_outputs.pooler_output]
             )
         past_length = _cache_length(cache)
-        before = getattr(cache, SAFETY_CACHE_ATTRIBUTE, None) if past_length else None
+        before = getattr(cache, "safevlm_safety_context", None) if past_length else None
         if past_length == 0 and placeholder_mask is not None:
             before = CachedSafetyContext.empty(placeholder_mask.shape[0])
         if compute_safety is None:
@@ -813,7 +808,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         auto_map["AutoProcessor"] = "processing_safevlm.SafeVLMProcessor"
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
-        if (args[0] if args else kwargs.get("is_main_process", True)) and os.path.isdir(save_directory):
+        if args[0] if args else kwargs.get("is_main_process", True):
             for hook in POST_SAVE_HOOKS:
                 hook(save_directory, self.config, overwrite_model_card)
 
@@ -848,10 +843,13 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 "training diverged, and every verdict would be unusable. Pass allow_untrained_safety=True to load it "
                 "anyway (e.g. to re-initialize and retrain the safety modules)."
             )
-        if "generate" in vars(model):
-            # transformers installs a checkpoint's `custom_generate/generate.py` over `generate` on a
-            # trust_remote_code load; that loop would run without the gate. Keep the gated one.
+        try:
+            # transformers installs a checkpoint's `custom_generate/generate.py` over `generate` (an instance
+            # attribute) on a trust_remote_code load; that loop would run without the gate. Keep the gated one.
             del model.generate
+        except AttributeError:
+            pass  # no replacement was installed
+        else:
             logger.warning(
                 "Ignored the checkpoint's custom_generate/generate.py: it would replace SafeVLM's gated generate(). "
                 "To run it anyway, pass custom_generate=... and safety_gating=False to generate()."
@@ -1215,7 +1213,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 "Pass safety_gating=False explicitly if you accept ungated output."
             )
         probe = copy.deepcopy(generation_config)
-        probe.update(**{key: value for key, value in kwargs.items() if hasattr(probe, key)})
+        probe.update(**kwargs)  # applies the decoding settings among kwargs; model inputs are returned unused
         mode = probe.get_generation_mode(kwargs.get("assistant_model"))
         if mode not in GATED_GENERATION_MODES:
             raise ValueError(
@@ -1281,7 +1279,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         cached_length = _cache_length(cache)
         if cached_length == 0:
             return None
-        context = getattr(cache, SAFETY_CACHE_ATTRIBUTE, None)
+        context = getattr(cache, "safevlm_safety_context", None)
         prefix = input_ids[:, :cached_length] if input_ids is not None else None
         seen = (prefix == self.config.image_token_id).sum(dim=1).tolist() if prefix is not None else None
         if context is None or seen is None or context.placeholders != seen:
@@ -1398,17 +1396,13 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             placeholders=[old + count for old, count in zip(before.placeholders, new)],
         )
         if given_cache is not None:
-            setattr(given_cache, SAFETY_CACHE_ATTRIBUTE, context)
+            given_cache.safevlm_safety_context = context
         if returned is not None and returned is not given_cache:
             # The returned cache has a row per returned sequence (beams / num_return_sequences expand each input row).
             expand = max(output["sequences"].shape[0] // rows, 1)
-            setattr(
-                returned,
-                SAFETY_CACHE_ATTRIBUTE,
-                CachedSafetyContext(
-                    features=[row for row in context.features for _ in range(expand)],
-                    placeholders=[row for row in context.placeholders for _ in range(expand)],
-                ),
+            returned.safevlm_safety_context = CachedSafetyContext(
+                features=[row for row in context.features for _ in range(expand)],
+                placeholders=[row for row in context.placeholders for _ in range(expand)],
             )
 
 

@@ -3,6 +3,8 @@
 import json
 import logging
 import shutil
+import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,6 +137,32 @@ def test_vlguard_unknown_category_is_a_bad_row_and_subcategory_falls_back(tmp_pa
     assert (dataset.examples[3].safe_type, dataset.examples[3].safe_level) == (1, 3)  # "risky behavior" fallback
 
 
+def test_one_vlguard_parser_serves_training_and_evaluation(tmp_path):
+    # Training rows and evaluation items come from the same parse: same prompts, images and ids, one error text.
+    from safevlm_hf.evaluation import load_vlguard as load_vlguard_items
+
+    source = FIXTURES / "vlguard"
+    shutil.copytree(source, tmp_path / "vl")
+    entries = json.loads((source / "train.json").read_text())
+    entries[0]["instr-resp"].reverse()  # the pair order does not matter to either
+    path = tmp_path / "vl" / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(entries).encode())  # a BOM, as editors leave one
+    rows, items = load_vlguard(path), load_vlguard_items(path)
+    assert [e.messages[0]["content"] for e in rows.examples] == [i.prompt for i in items]
+    assert [e.image for e in rows.examples] == [str(i.image.absolute()) for i in items]
+    assert [i.id for i in items][:2] == ["Priv_000001/safe_safes", "Priv_000001/safe_unsafes"]
+    del entries[1]["instr-resp"][0]["instruction"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(SafetyDataError) as training_error:
+        load_vlguard(path)
+    with pytest.raises(ValueError) as evaluation_error:
+        load_vlguard_items(path)
+    assert str(training_error.value) == str(evaluation_error.value)
+    assert "entry 1 (id Ads_000002): an unsafe image's 'instr-resp' must hold one {'instruction'" in str(
+        training_error.value
+    )
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 BAD_ROWS = {
     "missing image": (_row(image="nowhere.png"), r"image file '.*nowhere\.png' does not exist"),
@@ -181,6 +209,82 @@ def test_skip_bad_rows_counts_and_reports_every_bad_row(tmp_path, caplog):
     ]
     assert "does not exist" in dataset.skipped_rows[0].reason and "Fix the row" not in dataset.skipped_rows[0].reason
     assert "Skipped 4 bad row(s)" in caplog.text
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few bytes whose header claims `width` x `height` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# Rows that are not even readable: each is one bad row naming the file and line, skippable like any other.
+UNREADABLE_LINES = {
+    "not UTF-8": (
+        b'{"safe_type": 6, "note": "caf\xe9"}',
+        r"not valid UTF-8 at column 30 \(invalid continuation byte\)",
+    ),
+    "nested too deeply": (b"[" * 100_000 + b"]" * 100_000, r"JSON nested too deeply to parse \(100000 levels"),
+    "decompression bomb (Pillow error)": (
+        json.dumps(_row(image="bomb.png")).encode(),
+        r"image file '.*bomb\.png' is too large to decode safely, a possible decompression bomb",
+    ),
+    "decompression bomb (Pillow warning)": (
+        json.dumps(_row(image="big.png")).encode(),
+        r"image file '.*big\.png' is too large to decode safely, a possible decompression bomb",
+    ),
+}
+
+
+def _write_lines(folder: Path, middle: bytes) -> Path:
+    path = _write_jsonl(folder, [_row(), _row(safe_type=2, safe_level=2), "MIDDLE", _row()])
+    bomb_png(folder / "bomb.png", 20_000, 20_000)  # over twice Image.MAX_IMAGE_PIXELS: Pillow raises
+    bomb_png(folder / "big.png", 10_000, 10_000)  # over Image.MAX_IMAGE_PIXELS: Pillow only warns
+    path.write_bytes(path.read_bytes().replace(b"MIDDLE", middle))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_LINES))
+def test_an_unreadable_line_or_image_is_a_bad_row_with_file_and_line(tmp_path, case):
+    line, message = UNREADABLE_LINES[case]
+    path = _write_lines(tmp_path, line)
+    with pytest.raises(SafetyDataError, match=rf"data\.jsonl, line 3: .*{message}"):
+        load_safety_dataset(path)
+    dataset = load_safety_dataset(path, skip_bad_rows=True)
+    assert len(dataset) == 3 and [row.location for row in dataset.skipped_rows] == [f"{path}, line 3"]
+
+
+def test_an_unreadable_json_list_names_the_file_and_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_bytes(b'[\n{"safe_type": 6},\n{"note": "\xff"}\n]')
+    with pytest.raises(
+        SafetyDataError, match=r"rows\.json, line 3: not valid UTF-8 at column 11 \(invalid start byte"
+    ):
+        load_safety_dataset(path)
+    path.write_bytes(b'[\n{"safe_type": 6},\n' + b"[" * 50_000 + b"]" * 50_000 + b"\n]")
+    with pytest.raises(SafetyDataError, match=r"rows\.json, line 3: JSON nested too deeply to parse \(50001 levels"):
+        load_safety_dataset(path)
+    (tmp_path / "vlguard.json").write_bytes(b"\xef\xbb\xbf[" + b"{" * 1)  # BOM is fine; the JSON is not
+    with pytest.raises(SafetyDataError, match=r"vlguard\.json, line 1: not valid JSON"):
+        load_vlguard(tmp_path / "vlguard.json")
+
+
+def test_an_image_bomb_in_a_datasets_column_or_after_loading_names_its_row(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png", 20_000, 20_000).read_bytes()
+    rows = [{**_row(image=None, question="Hi"), "image": {"bytes": bomb, "path": None}}]
+    with pytest.raises(SafetyDataError, match=r"row 0: the image is too large to decode safely"):
+        safety_dataset_from_hf(datasets.Dataset.from_list(rows))
+    path = _write_jsonl(tmp_path, [_row()])
+    dataset = load_safety_dataset(path)
+    bomb_png(tmp_path / "img.png", 20_000, 20_000)  # replaced after loading: the training step names the row
+    with pytest.raises(SafetyDataError, match=r"data\.jsonl, line 1: image file .* too large to decode safely"):
+        dataset[0]
 
 
 def test_hf_dataset_bad_row_names_the_row(tmp_path):

@@ -1,12 +1,13 @@
 """The one-command offline demo: Stage I + II on synthetic data, a remote-code checkpoint, gated conversations."""
 
+import importlib.util
 import json
 
 import pytest
 
 from safevlm_hf import synthetic
 from safevlm_hf.cli import build_parser, main
-from safevlm_hf.demo import DemoSettings, run_demo
+from safevlm_hf.demo import DemoSettings, remote_gating, run_demo
 
 
 def test_synthetic_data_covers_every_type_level_and_carrier(tmp_path):
@@ -33,6 +34,17 @@ def test_demo_command_is_wired():
     assert args.func.__module__ == "safevlm_hf.demo" and args.out == "x" and args.seed == 3
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
+
+
+def test_remote_check_runs_the_checkpoint_code_without_the_package(saved_safevlm, tmp_path):
+    # The check script is package data, not a module: nothing named like it can be imported from the package.
+    assert importlib.util.find_spec("safevlm_hf.remote_check") is None
+    path = synthetic.write_jsonl(synthetic.make_rows(1, seed=0, held_out=True)[:3], tmp_path / "rows.jsonl")
+    levels = sorted({json.loads(line)["safe_level"] for line in path.read_text().splitlines()})
+    remote = remote_gating(saved_safevlm, path, levels=levels, max_new_tokens=2, batch_size=3)
+    assert remote["class"].startswith("transformers_modules.")  # the checkpoint code, not safevlm_hf.modeling
+    assert remote["class"].endswith(".SafeVLMForConditionalGeneration") and len(remote["records"]) == 3
+    assert {"category", "level", "action", "message"} <= set(remote["records"][0]["verdict"])
 
 
 def test_demo_meets_its_targets(tmp_path, capsys):

@@ -168,7 +168,7 @@ def test_vlguard_missing_image_and_bad_entry(tmp_path):
     entries = json.loads(path.read_text())
     del entries[1]["instr-resp"][1]["unsafe_instruction"]
     bad = _copy(tmp_path, path, json.dumps(entries).encode())
-    with pytest.raises(BenchmarkFormatError, match=r"entry 1 \(id 'HOD_000202'\).*'unsafe_instruction'"):
+    with pytest.raises(BenchmarkFormatError, match=r"entry 1 \(id HOD_000202\).*'unsafe_instruction'"):
         load_vlguard(bad, check_images=False)
 
 

@@ -7,6 +7,7 @@ import argparse
 import copy
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,34 @@ def test_eval_cli_bad_input_exits_with_2(saved_safevlm, tmp_path, capsys):
     assert _cli([*argv, *unreachable, "--max-new-tokens", "1", "--no-progress"]) == 2
     assert "http://127.0.0.1:9/v1/chat/completions" in capsys.readouterr().err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_eval_cli_names_unreadable_inputs_and_weights(saved_safevlm, tmp_path, capsys):
+    from test_data import bomb_png
+
+    out = tmp_path / "o"
+    argv = ["--model", str(saved_safevlm), "--bench", f"xstest:{XSTEST}", "--out", str(out), "--limit", "1"]
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(b'{\n  "name": "caf\xe9"\n}')
+    assert _cli([*argv, "--policy", str(policy)]) == 2
+    assert f"{policy}, line 2: not valid UTF-8 at column 15" in capsys.readouterr().err
+    head = tmp_path / "head.jsonl"
+    head.write_bytes(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    assert _cli([*argv, "--head-data", str(head)]) == 2
+    assert f"{head}, line 1: JSON nested too deeply to parse" in capsys.readouterr().err
+    vlguard = tmp_path / "vlguard"
+    shutil.copytree(FIXTURES / "vlguard", vlguard)
+    bomb_png(vlguard / "images" / "bad_ads" / "ads_000101.png", 20_000, 20_000)
+    bench = ["--bench", f"vlguard:{vlguard / 'test.json'}", "--image-root", str(vlguard / "images")]
+    assert _cli([*argv, *bench]) == 2
+    err = capsys.readouterr().err
+    assert "entry 0 (id Ads_000101): image file" in err and "possible decompression bomb" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_safevlm, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert _cli(["--model", str(broken), *argv[2:]]) == 2
+    assert f"{broken / 'model.safetensors'}: not a readable safetensors file" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_config_hash_tracks_the_config_not_the_library_version():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,8 +20,8 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
 
 from safevlm_hf.hub import CheckpointFolderError, build_push_call, check_upload_folder, push_to_hub, remote_code_files
-from safevlm_hf.hub_cli import register
-from safevlm_hf.modeling.modelcard_safevlm import REPO_ID_PLACEHOLDER, model_card_origin
+from safevlm_hf.hub.cli import register
+from safevlm_hf.hub.model_card import REPO_ID_PLACEHOLDER, model_card_origin
 
 from conftest import make_image
 from test_model_card import save_checkpoint_with_card
@@ -165,6 +166,85 @@ def test_a_config_without_auto_map_or_with_foreign_code_is_refused(folder):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointFolderError, match="config.json has no auto_map"):
         check_upload_folder(folder)
+
+
+# ------------------------------------------------------------------------ nothing from outside the folder
+def _outside_file(tmp_path: Path, name: str) -> Path:
+    secret = tmp_path / "outside" / name
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("SECRET: must never be uploaded")
+    return secret
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("shard", ["ABSOLUTE", "../outside/shard.safetensors", "sub/../../outside/shard.safetensors"])
+def test_a_weight_map_entry_outside_the_folder_is_refused(_tiny_safevlm_pair, tmp_path, monkeypatch, shard):
+    model, processor = _tiny_safevlm_pair
+    folder = tmp_path / "ckpt"
+    save_checkpoint_with_card(model, processor, folder, max_shard_size="400KB")
+    secret = _outside_file(tmp_path, "shard.safetensors")
+    shard = str(secret) if shard == "ABSOLUTE" else shard
+    index = folder / "model.safetensors.index.json"
+    tensor = sorted(json.loads(index.read_text())["weight_map"])[0]
+    _edit_json(index, lambda data: data["weight_map"].__setitem__(tensor, shard))
+    hub = HubRecorder(monkeypatch)
+    with pytest.raises(CheckpointFolderError) as err:
+        push_to_hub(folder, "acme/x")
+    assert f"model.safetensors.index.json: weight_map[{tensor!r}]: {shard!r} is not a path inside the folder" in str(
+        err.value
+    )
+    assert hub.calls == [] and hub.uploaded == {}
+
+
+def test_an_auto_map_module_outside_the_folder_is_refused(folder, tmp_path):
+    secret = _outside_file(tmp_path, "evil.py")
+    for reference in (f"{secret.with_suffix('')}.Evil", "../outside/evil.Evil"):
+        _edit_json(folder / "config.json", lambda data: data["auto_map"].__setitem__("AutoConfig", reference))
+        with pytest.raises(CheckpointFolderError) as err:
+            check_upload_folder(folder)
+        assert f"config.json: auto_map['AutoConfig'] = {reference!r} does not name a code file inside the folder" in (
+            str(err.value)
+        )
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "policy_safevlm.py", "config.json", "README.md"])
+def test_a_symlinked_file_is_refused_not_followed(folder, tmp_path, monkeypatch, capsys, name):
+    secret = _outside_file(tmp_path, name)
+    (folder / name).unlink()
+    (folder / name).symlink_to(secret)
+    hub = HubRecorder(monkeypatch)
+    args = _parse(["push", "--model", str(folder), "--repo-id", "acme/x"])
+    assert args.func(args) == 2
+    assert f"{name}: {name!r} is reached through a symbolic link to {str(secret)!r}" in capsys.readouterr().err
+    assert hub.calls == []
+
+
+def test_a_symlinked_folder_and_special_files_are_refused(folder, tmp_path):
+    templates = tmp_path / "outside" / "templates"
+    templates.mkdir(parents=True)
+    (templates / "default.jinja").write_text("{{ secret }}")
+    (folder / "additional_chat_templates").symlink_to(templates)
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")  # a reader of this would block forever
+    with pytest.raises(CheckpointFolderError) as err:
+        check_upload_folder(folder)
+    message = str(err.value)
+    assert "additional_chat_templates/: 'additional_chat_templates/' is reached through a symbolic link" in message
+    assert "tokenizer.json: 'tokenizer.json' is not a regular file (a FIFO)" in message
+
+
+def test_cli_push_lists_every_file_before_uploading(folder, monkeypatch, capsys):
+    hub = HubRecorder(monkeypatch)
+    args = _parse(["push", "--model", str(folder), "--repo-id", "acme/x"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    listed = out.split("to acme/x:\n", 1)[1].split("Committed", 1)[0].split()
+    assert sorted(listed) == sorted(hub.uploaded) == sorted(_expected_files(folder))
 
 
 # ----------------------------------------------------------------------------------------- the Hub calls

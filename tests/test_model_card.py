@@ -11,7 +11,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers.pipelines import SUPPORTED_TASKS
 
 from safevlm_hf import SafeVLMConfig, SafetyPolicy
-from safevlm_hf.modeling.modelcard_safevlm import (
+from safevlm_hf.hub.model_card import (
     GENERATED_MARKER,
     REPO_ID_PLACEHOLDER,
     fill_model_card_repo_id,
@@ -21,7 +21,7 @@ from safevlm_hf.modeling.modelcard_safevlm import (
 )
 
 
-CARD_LOGGER = "safevlm_hf.modeling.modelcard_safevlm"
+CARD_LOGGER = "safevlm_hf.hub.model_card"
 
 REPORT = {
     "results": [
@@ -413,6 +413,6 @@ def test_save_pretrained_writes_the_card_on_the_main_process_only(tiny_safevlm, 
     model.save_pretrained(tmp_path / "main")
     assert model_card_origin((tmp_path / "main" / "README.md").read_text()) == "generated"
     # The generator ships with the package (a save hook), not inside the checkpoint's remote code.
-    assert not (tmp_path / "main" / "modelcard_safevlm.py").exists()
+    assert not any("def render_model_card" in p.read_text() for p in (tmp_path / "main").glob("*.py"))
     model.save_pretrained(tmp_path / "worker", is_main_process=False)
     assert not (tmp_path / "worker" / "README.md").exists()

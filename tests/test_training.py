@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -355,3 +356,45 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_llava_pair, saved_safevlm, 
     output = capsys.readouterr().out
     assert "skipped 1 bad row(s)" in output and f"{data}, line 5: safe_level 7 is out of range" in output
     assert "Stage 1: 7 training rows" in output
+
+
+def test_cli_names_unreadable_data_and_weights_exits_2_and_writes_nothing(
+    tiny_llava_pair, saved_safevlm, tmp_path, capsys
+):
+    from test_data import bomb_png
+
+    data = write_training_data(tmp_path / "data")
+    lines = data.read_bytes().splitlines()
+    lines[2] = lines[2].replace(b"pill", b"p\xefll")  # Latin-1, not UTF-8
+    lines[4] = b"[" * 100_000 + b"]" * 100_000
+    bomb_png(tmp_path / "data" / "img5.png", 20_000, 20_000)  # line 6's image
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    train = ["train", "--stage", "1", "--data", str(data), "--out", str(out), "--max-steps", "1"]
+
+    assert cli_main([*train, "--model", str(saved_safevlm)]) == 2
+    assert f"error: {data}, line 3: not valid UTF-8 at column" in capsys.readouterr().err
+    assert not out.exists()
+    options = ["--batch-size", "2", "--set", "use_cpu=True", "--set", "disable_tqdm=True"]
+    assert cli_main([*train, "--model", str(saved_safevlm), "--skip-bad-rows", *options]) == 0
+    output = capsys.readouterr().out
+    assert "skipped 3 bad row(s)" in output and "Stage 1: 5 training rows" in output
+    assert f"{data}, line 3: not valid UTF-8" in output and f"{data}, line 5: JSON nested too deeply" in output
+    assert f"{data}, line 6: image file" in output and "decompression bomb" in output
+
+    # A corrupted weights file: one line naming it, exit 2, nothing written (train and convert).
+    broken = tmp_path / "broken_safevlm"
+    shutil.copytree(saved_safevlm, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    assert cli_main([*train, "--model", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights}: not a readable safetensors file" in err and "truncated" in err
+    llava, llava_processor = tiny_llava_pair
+    llava.save_pretrained(tmp_path / "llava")
+    llava_processor.save_pretrained(tmp_path / "llava")
+    (tmp_path / "llava" / "model.safetensors").write_bytes(b"\x00" * 64)
+    convert = ["convert", "--model", str(tmp_path / "llava"), "--out", str(tmp_path / "converted")]
+    assert cli_main(convert) == 2
+    assert f"{tmp_path / 'llava' / 'model.safetensors'}: not a readable safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "converted").exists()

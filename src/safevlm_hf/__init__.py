@@ -6,9 +6,9 @@ Importing the package registers SafeVLM with `AutoConfig`, `AutoModel`, `AutoMod
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+from .hub.model_card import write_model_card
 from .modeling.configuration_safevlm import SafeVLMConfig
 from .modeling.gating_safevlm import SafetyGateLogitsProcessor
-from .modeling.modelcard_safevlm import write_model_card
 from .modeling.modeling_safevlm import (
     POST_SAVE_HOOKS,
     SafeVLMForConditionalGeneration,

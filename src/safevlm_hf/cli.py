@@ -14,8 +14,9 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `safevlm` argument parser."""
-    from . import __version__, demo, hub_cli
+    from . import __version__, demo
     from .evaluation import cli as eval_cli
+    from .hub import cli as hub_cli
     from .layerwise import cli as layerwise_cli
     from .training import cli as training_cli
 

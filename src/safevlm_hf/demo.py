@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import random
 import subprocess
@@ -72,22 +73,21 @@ def _is_refusal(record: dict[str, Any]) -> bool:
     return record["verdict"]["action"] == "refuse" and bool(answer) and message.startswith(answer[: len(message)])
 
 
+# The remote check is a script, not a module of the package: it must run where `safevlm_hf` cannot be imported, so that
+# only the code inside the checkpoint runs. It ships as package data (the hyphen in `remote-check.py` makes it
+# unimportable) rather than as a string in this file, so that it stays a real file that linters and readers see;
+# `importlib.resources` finds it in a wheel, an editable install or a zip (`as_file` extracts it when needed), and
+# `python -I` runs it isolated from PYTHONPATH, the user site and the script's own folder.
+REMOTE_CHECK_SCRIPT = "scripts/remote-check.py"
+
+
 def remote_gating(checkpoint: Path, data: Path, levels, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
-    """Run `remote_check.py` on `checkpoint` in a fresh process where `safevlm_hf` cannot be imported."""
-    script = Path(__file__).with_name("remote_check.py")
-    command = [
-        sys.executable,
-        str(script),
-        str(checkpoint),
-        str(data),
-        "--levels",
-        *map(str, levels),
-        "--max-new-tokens",
-        str(max_new_tokens),
-        "--batch-size",
-        str(batch_size),
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    """Run the remote check script on `checkpoint` in a fresh, isolated process where `safevlm_hf` cannot be imported;
+    returns its JSON output (`class`: the loaded model class, `records`: verdict and answer per row)."""
+    arguments = [str(checkpoint), str(data), "--levels", *map(str, levels)]
+    arguments += ["--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size)]
+    with importlib.resources.as_file(importlib.resources.files("safevlm_hf").joinpath(REMOTE_CHECK_SCRIPT)) as script:
+        run = subprocess.run([sys.executable, "-I", str(script), *arguments], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"Loading {checkpoint} with trust_remote_code failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -84,33 +86,56 @@ class SafetyExample:
         return replace(self, messages=tuple(dict(m) for m in messages))
 
 
+@contextmanager
+def _open_untrusted_image(image: str | bytes) -> Iterator[Image.Image]:
+    """`Image.open`, with Pillow's decompression-bomb *warning* (an image over `Image.MAX_IMAGE_PIXELS`) raised as an
+    error like its bomb *error* (over twice the limit): data files come from others, so a huge image is refused, not
+    decoded. (`catch_warnings` changes process-wide filters; data is loaded in one thread per process.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            yield opened
+
+
+def _unreadable_image(image: ImageSource, location: str, err: BaseException, hint: str) -> SafetyDataError:
+    what = f"image file {image!r}" if isinstance(image, str) else "the image"
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        reason = (
+            f"is too large to decode safely, a possible decompression bomb ({err}); if you trust it, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS"
+        )
+    else:
+        reason = f"cannot be read as an image ({err or type(err).__name__})"
+    return SafetyDataError(f"{location}: {what} {reason}." + (f" {hint}" if hint else ""))
+
+
 def load_image(image: ImageSource, location: str) -> Image.Image:
     """Open an example's image as RGB, or raise a :class:`SafetyDataError` naming the row."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
     try:
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        source = io.BytesIO(image) if isinstance(image, bytes) else image
-        with Image.open(source) as opened:
+        with _open_untrusted_image(image) as opened:
             return opened.convert("RGB")
     except FileNotFoundError:
         raise SafetyDataError(f"{location}: image file {image!r} does not exist.") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        what = f"image file {image!r}" if isinstance(image, str) else "the image"
-        raise SafetyDataError(f"{location}: {what} cannot be read as an image ({err}).") from None
+    except Exception as err:  # decoding bytes from others: any failure means "unreadable image"
+        raise _unreadable_image(image, location, err, hint="") from None
 
 
-def check_image(image: ImageSource, location: str) -> None:
-    """Fail early (at load time, not hours into training) on a missing or unreadable image."""
+def check_image(image: ImageSource, location: str, hint: str = _SKIP_HINT) -> None:
+    """Fail early (at load time, not hours into training) on a missing, unreadable or decompression-bomb image.
+
+    ``hint`` ends the message (default: how to skip bad rows).
+    """
     if isinstance(image, Image.Image):
         return
     if isinstance(image, str) and not os.path.isfile(image):
-        raise SafetyDataError(f"{location}: image file {image!r} does not exist. {_SKIP_HINT}")
+        raise SafetyDataError(f"{location}: image file {image!r} does not exist." + (f" {hint}" if hint else ""))
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+        with _open_untrusted_image(image) as opened:
             opened.verify()  # reads the whole file for most formats: catches truncated and non-image files
-    except (OSError, SyntaxError, ValueError) as err:
-        what = f"image file {image!r}" if isinstance(image, str) else "the image"
-        raise SafetyDataError(f"{location}: {what} cannot be read as an image ({err}). {_SKIP_HINT}") from None
+    except Exception as err:  # decoding bytes from others: any failure means "unreadable image"
+        raise _unreadable_image(image, location, err, hint) from None
 
 
 def _check_label(row: Mapping[str, Any], key: str, size: int, location: str, meaning: str) -> int:

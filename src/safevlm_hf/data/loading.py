@@ -16,7 +16,6 @@ The format (one row per example, compatible with the rows published with PSA-VLM
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +24,7 @@ from PIL import Image
 
 from ..modeling.policy_safevlm import DEFAULT_SAFETY_LEVELS, DEFAULT_SAFETY_TYPES
 from .examples import ImageSource, SafetyDataError, SafetyDataset, collect_rows, parse_safety_row
+from .files import read_json_list, read_jsonl_rows
 
 
 VLGUARD_PREFIX = "vlguard:"
@@ -43,29 +43,8 @@ def _resolve_path_image(value: Any, root: str | os.PathLike | None, location: st
     return str(path.absolute())
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    # utf-8-sig: a byte-order mark left by an editor must not turn line 1 into a JSON error.
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing one) are not rows
-            location = f"{path}, line {number}"
-            try:
-                yield location, json.loads(line.rstrip())
-            except json.JSONDecodeError as err:
-                yield location, SafetyDataError(f"{location}: not valid JSON ({err.msg} at column {err.colno}).")
-
-
 def _json_list_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise SafetyDataError(
-            f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})."
-        ) from None
-    if not isinstance(data, list):
-        raise SafetyDataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}.")
+    data = read_json_list(path, "rows")
     if data and isinstance(data[0], dict) and "instr-resp" in data[0]:
         raise SafetyDataError(
             f"{path}: this is a VLGuard file; load it with 'vlguard:{path}' (or safevlm_hf.data.load_vlguard)."
@@ -97,7 +76,7 @@ def load_safety_json(
     if not path.is_file():
         raise SafetyDataError(f"{path}: data file not found.")
     root = Path(image_root) if image_root is not None else path.parent
-    rows = _json_list_rows(path) if path.suffix.lower() == ".json" else _jsonl_rows(path)
+    rows = _json_list_rows(path) if path.suffix.lower() == ".json" else read_jsonl_rows(path)
 
     def parse(location: str, row: Any):
         if isinstance(row, SafetyDataError):

@@ -28,17 +28,21 @@ deception            disinformation         Misleading          2      producing
 
 The subcategory decides; an unknown subcategory falls back to its category's row (:data:`VLGUARD_CATEGORY_FALLBACK`);
 an unknown category too is a bad row.
+
+This module owns the VLGuard format: :func:`read_vlguard_entries` and :func:`parse_vlguard_entry` are the one parser,
+used here for training rows and by :func:`safevlm_hf.evaluation.load_vlguard` for the evaluation subsets.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..modeling.policy_safevlm import DEFAULT_SAFETY_LEVELS, DEFAULT_SAFETY_TYPES, SAFE_TYPE
 from .examples import SafetyDataError, SafetyDataset, SafetyExample, check_image, collect_rows
+from .files import read_json_list
 
 
 VLGUARD_CATEGORY_MAP: dict[str, tuple[str, int]] = {
@@ -63,11 +67,99 @@ VLGUARD_CATEGORY_FALLBACK: dict[str, tuple[str, int]] = {
 """VLGuard ``harmful_category`` -> (SafeVLM type name, level), used when the subcategory is not in the map."""
 
 
-def _text(pair: Mapping[str, Any], key: str, where: str) -> str:
-    value = pair.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise SafetyDataError(f"{where}: '{key}' must be a non-empty string, got {value!r}.")
-    return value
+#: The instruction keys of an entry's ``instr-resp`` objects, by whether the entry's image is safe.
+VLGUARD_INSTRUCTION_KEYS: dict[bool, tuple[str, ...]] = {
+    True: ("safe_instruction", "unsafe_instruction"),
+    False: ("instruction",),
+}
+
+
+@dataclass(frozen=True)
+class VLGuardInstruction:
+    """One instruction of a VLGuard entry, with the entry's image and labels, as published.
+
+    Attributes:
+        key: ``"safe_instruction"`` or ``"unsafe_instruction"`` (safe image), ``"instruction"`` (unsafe image).
+        instruction: the prompt text.
+        response: the published answer, or ``None`` when the entry has none (an evaluation prompt needs none).
+        image: ``image_root / entry["image"]``.
+        entry_id: the entry's ``id``.
+        safe_image: the entry's ``safe`` flag.
+        harmful_category / harmful_subcategory: as written in the entry (``None`` for safe images).
+        location: ``"PATH, entry N (id ID)"``, for messages.
+    """
+
+    key: str
+    instruction: str
+    response: str | None
+    image: Path
+    entry_id: str
+    safe_image: bool
+    harmful_category: str | None
+    harmful_subcategory: str | None
+    location: str
+
+
+def read_vlguard_entries(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(location, entry)`` for each entry of a VLGuard ``train.json``/``test.json`` (a JSON list, as published)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafetyDataError(f"{path}: VLGuard file not found.")
+    for index, entry in enumerate(read_json_list(path, "VLGuard entries")):
+        entry_id = entry.get("id") if isinstance(entry, dict) else None
+        yield f"{path}, entry {index}" + (f" (id {entry_id})" if entry_id is not None else ""), entry
+
+
+def _instruction_objects(entry: Mapping[str, Any], location: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """``[(key, instr-resp object)]`` in the order of :data:`VLGUARD_INSTRUCTION_KEYS`, each key exactly once."""
+    pairs, keys = entry["instr-resp"], VLGUARD_INSTRUCTION_KEYS[entry["safe"]]
+    if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
+        raise SafetyDataError(f"{location}: 'instr-resp' must be a list of objects.")
+    found = [[p for p in pairs if key in p] for key in keys]
+    if len(pairs) != len(keys) or any(len(matches) != 1 for matches in found):
+        expected = " and ".join(f"one {{{key!r}, 'response'}}" for key in keys)
+        kind = "a safe" if entry["safe"] else "an unsafe"
+        raise SafetyDataError(
+            f"{location}: {kind} image's 'instr-resp' must hold {expected} object, got objects with keys "
+            f"{[sorted(p) for p in pairs]}."
+        )
+    return [(key, matches[0]) for key, matches in zip(keys, found)]
+
+
+def parse_vlguard_entry(entry: Any, location: str, image_root: str | os.PathLike) -> list[VLGuardInstruction]:
+    """Validate one VLGuard entry; its instructions (two for a safe image, one for an unsafe one), in file order.
+
+    Raises:
+        SafetyDataError: naming ``location`` and what is wrong.
+    """
+    if not isinstance(entry, dict):
+        raise SafetyDataError(f"{location}: an entry must be a JSON object, got {type(entry).__name__}.")
+    missing = [key for key in ("id", "image", "safe", "instr-resp") if key not in entry]
+    if missing:
+        raise SafetyDataError(f"{location}: missing key(s) {missing}.")
+    if not isinstance(entry["image"], str) or not entry["image"]:
+        raise SafetyDataError(f"{location}: 'image' must be a path such as 'bad_ads/x.png', got {entry['image']!r}.")
+    if not isinstance(entry["safe"], bool):
+        raise SafetyDataError(f"{location}: 'safe' must be true or false, got {entry['safe']!r}.")
+    instructions = []
+    for key, pair in _instruction_objects(entry, location):
+        text, response = pair[key], pair.get("response")
+        if not isinstance(text, str) or not text.strip():
+            raise SafetyDataError(f"{location}: '{key}' must be a non-empty string, got {text!r}.")
+        instructions.append(
+            VLGuardInstruction(
+                key=key,
+                instruction=text,
+                response=response if isinstance(response, str) and response.strip() else None,
+                image=Path(image_root) / entry["image"],
+                entry_id=str(entry["id"]),
+                safe_image=entry["safe"],
+                harmful_category=None if entry["safe"] else entry.get("harmful_category"),
+                harmful_subcategory=None if entry["safe"] else entry.get("harmful_subcategory"),
+                location=location,
+            )
+        )
+    return instructions
 
 
 def load_vlguard(
@@ -94,19 +186,7 @@ def load_vlguard(
         unsafe_instruction_level: level for those rows (default 3, reject).
     """
     path = Path(path)
-    if not path.is_file():
-        raise SafetyDataError(f"{path}: VLGuard file not found.")
     root = Path(image_root) if image_root is not None else path.parent
-    try:
-        with open(path, encoding="utf-8") as handle:
-            entries = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise SafetyDataError(
-            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
-        ) from None
-    if not isinstance(entries, list):
-        raise SafetyDataError(f"{path}: a VLGuard file holds a JSON list of entries, got {type(entries).__name__}.")
-
     types = list(safety_types)
     subcategories = dict(VLGUARD_CATEGORY_MAP if category_map is None else category_map)
 
@@ -122,84 +202,55 @@ def load_vlguard(
     safe_index = type_index(SAFE_TYPE, str(path))
     unsafe_text_type = None if unsafe_instruction_type is None else type_index(unsafe_instruction_type, str(path))
 
-    def rows() -> Iterator[tuple[str, Any]]:
-        for index, entry in enumerate(entries):
-            entry_id = entry.get("id") if isinstance(entry, dict) else None
-            yield f"{path}, entry {index}" + (f" (id {entry_id})" if entry_id is not None else ""), entry
+    def labels(item: VLGuardInstruction) -> tuple[int | None, int]:
+        if item.key == "safe_instruction":
+            return safe_index, 0
+        if item.key == "unsafe_instruction":
+            return unsafe_text_type, unsafe_instruction_level
+        category = str(item.harmful_category or "").strip().lower()
+        subcategory = str(item.harmful_subcategory or "").strip().lower()
+        mapped = subcategories.get(subcategory) or VLGUARD_CATEGORY_FALLBACK.get(category)
+        if mapped is None:
+            raise SafetyDataError(
+                f"{item.location}: unknown harmful category {category!r} / subcategory {subcategory!r}; known "
+                f"subcategories: {sorted(subcategories)}, categories: {sorted(VLGUARD_CATEGORY_FALLBACK)} "
+                "(pass category_map= to extend the table)."
+            )
+        name, level = mapped
+        return type_index(name, item.location), level
 
     def parse(location: str, entry: Any) -> list[SafetyExample]:
-        if not isinstance(entry, dict):
-            raise SafetyDataError(f"{location}: an entry must be a JSON object, got {type(entry).__name__}.")
-        missing = [key for key in ("image", "safe", "instr-resp") if key not in entry]
-        if missing:
-            raise SafetyDataError(f"{location}: missing key(s) {missing}.")
-        if not isinstance(entry["image"], str) or not entry["image"]:
-            raise SafetyDataError(
-                f"{location}: 'image' must be a path such as 'bad_ads/x.png', got {entry['image']!r}."
-            )
-        image = str((root / entry["image"]).absolute())
-        pairs = entry["instr-resp"]
-        if not isinstance(entry["safe"], bool) or not isinstance(pairs, list):
-            raise SafetyDataError(f"{location}: 'safe' must be true/false and 'instr-resp' a list.")
-        rows_out: list[tuple[str, str, int | None, int]] = []
-        if entry["safe"]:
-            keys = [next((k for k in p if k != "response"), None) if isinstance(p, dict) else None for p in pairs]
-            if keys != ["safe_instruction", "unsafe_instruction"]:
-                raise SafetyDataError(
-                    f"{location}: a safe image's 'instr-resp' must be [{{safe_instruction, response}}, "
-                    f"{{unsafe_instruction, response}}], got keys {keys}."
-                )
-            rows_out.append(
-                (_text(pairs[0], "safe_instruction", location), _text(pairs[0], "response", location), safe_index, 0)
-            )
-            rows_out.append(
-                (
-                    _text(pairs[1], "unsafe_instruction", location),
-                    _text(pairs[1], "response", location),
-                    unsafe_text_type,
-                    unsafe_instruction_level,
-                )
-            )
-        else:
-            if len(pairs) != 1 or not isinstance(pairs[0], dict):
-                raise SafetyDataError(
-                    f"{location}: an unsafe image's 'instr-resp' must be [{{instruction, response}}], got {pairs!r}."
-                )
-            category = str(entry.get("harmful_category", "")).strip().lower()
-            subcategory = str(entry.get("harmful_subcategory", "")).strip().lower()
-            mapped = subcategories.get(subcategory) or VLGUARD_CATEGORY_FALLBACK.get(category)
-            if mapped is None:
-                raise SafetyDataError(
-                    f"{location}: unknown harmful category {category!r} / subcategory {subcategory!r}; known "
-                    f"subcategories: {sorted(subcategories)}, categories: {sorted(VLGUARD_CATEGORY_FALLBACK)} "
-                    "(pass category_map= to extend the table)."
-                )
-            name, level = mapped
-            rows_out.append(
-                (
-                    _text(pairs[0], "instruction", location),
-                    _text(pairs[0], "response", location),
-                    type_index(name, location),
-                    level,
+        examples = []
+        for item in parse_vlguard_entry(entry, location, root):
+            if item.response is None:
+                raise SafetyDataError(f"{location}: '{item.key}' has no non-empty 'response' to train on.")
+            safe_type, level = labels(item)
+            examples.append(
+                SafetyExample(
+                    messages=(
+                        {"role": "user", "content": item.instruction},
+                        {"role": "assistant", "content": item.response},
+                    ),
+                    safe_type=safe_type,
+                    safe_level=level,
+                    image=str(item.image.absolute()),
+                    image_turn=0,
+                    location=f"{location} [{item.key}]",
                 )
             )
         if check_images:
-            check_image(image, location)
-        return [
-            SafetyExample(
-                messages=({"role": "user", "content": instruction}, {"role": "assistant", "content": response}),
-                safe_type=safe_type,
-                safe_level=level,
-                image=image,
-                image_turn=0,
-                location=f"{location} [{key}]",
-            )
-            for (instruction, response, safe_type, level), key in zip(
-                rows_out, ("safe_instruction", "unsafe_instruction") if entry["safe"] else ("instruction",)
-            )
-        ]
+            check_image(examples[0].image, location)
+        return examples
 
-    return collect_rows(rows(), parse, skip_bad_rows, str(path))
+    return collect_rows(read_vlguard_entries(path), parse, skip_bad_rows, str(path))
 
 
-__all__ = ["VLGUARD_CATEGORY_FALLBACK", "VLGUARD_CATEGORY_MAP", "load_vlguard"]
+__all__ = [
+    "VLGUARD_CATEGORY_FALLBACK",
+    "VLGUARD_CATEGORY_MAP",
+    "VLGUARD_INSTRUCTION_KEYS",
+    "VLGuardInstruction",
+    "load_vlguard",
+    "parse_vlguard_entry",
+    "read_vlguard_entries",
+]

@@ -385,84 +385,65 @@ def load_vlguard(
     * ``unsafes``: unsafe image + its ``instruction`` (expected "refuse").
 
     ``subset=None`` gives all three, in file order. Images are ``image_root / entry["image"]`` (default root: the
-    JSON file's folder); with ``check_images`` a missing file raises an error naming the id and the path.
+    JSON file's folder); with ``check_images`` a missing file raises an error naming the id and the path, and an
+    unreadable one (or a decompression bomb) a :class:`BenchmarkFormatError`. The entries are parsed by the data
+    package's VLGuard parser (:func:`safevlm_hf.data.vlguard.parse_vlguard_entry`), the one owner of the format.
     """
+    from ..data.examples import SafetyDataError, check_image
+    from ..data.vlguard import parse_vlguard_entry, read_vlguard_entries
+
     if subset is not None and subset not in VLGUARD_SUBSETS:
         raise ValueError(f"Unknown VLGuard subset {subset!r}; use one of {list(VLGUARD_SUBSETS)}.")
     path = Path(path)
-    data, _ = _load_json(path)
-    if not isinstance(data, list):
-        raise BenchmarkFormatError(f"{path}:1: expected a JSON array of entries, got {type(data).__name__}.")
     root = Path(image_root) if image_root is not None else path.parent
     wanted = VLGUARD_SUBSETS if subset is None else (subset,)
+    subset_of = {"safe_instruction": "safe_safes", "unsafe_instruction": "safe_unsafes", "instruction": "unsafes"}
     _check_limit(limit)
     items: list[BenchmarkItem] = []
-    for index, entry in enumerate(data):
-        if _full(items, limit):
-            break
-        where = f"{path}: entry {index}"
-        if not isinstance(entry, dict):
-            raise BenchmarkFormatError(f"{where}: expected an object, got {type(entry).__name__}.")
-        missing = [key for key in ("id", "image", "safe", "instr-resp") if key not in entry]
-        if missing:
-            raise BenchmarkFormatError(f"{where} (id {entry.get('id')!r}): missing keys {missing}.")
-        where = f"{where} (id {entry['id']!r})"
-        if not isinstance(entry["safe"], bool):
-            raise BenchmarkFormatError(f"{where}: 'safe' must be true or false, got {entry['safe']!r}.")
-        pairs = entry["instr-resp"]
-        if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
-            raise BenchmarkFormatError(f"{where}: 'instr-resp' must be a list of objects.")
-
-        def instruction(key: str) -> str:
-            found = [p[key] for p in pairs if key in p]
-            if len(found) != 1 or not isinstance(found[0], str) or not found[0].strip():
-                raise BenchmarkFormatError(f"{where}: expected exactly one non-empty {key!r} in 'instr-resp'.")
-            return found[0]
-
-        if entry["safe"]:
-            prompts = {
-                "safe_safes": instruction("safe_instruction"),
-                "safe_unsafes": instruction("unsafe_instruction"),
-            }
-        else:
-            prompts = {"unsafes": instruction("instruction")}
-        image_path = root / entry["image"]
-        for name in wanted:
-            if name not in prompts:
-                continue
-            if check_images and not image_path.is_file():
-                raise FileNotFoundError(
-                    f"VLGuard item {entry['id']!r} ({where}): image {str(image_path)!r} does not exist; pass the "
-                    "folder holding the unpacked test images as the image root."
+    try:
+        for index, (location, entry) in enumerate(read_vlguard_entries(path)):
+            if _full(items, limit):
+                break
+            chosen = [i for i in parse_vlguard_entry(entry, location, root) if subset_of[i.key] in wanted]
+            if chosen and check_images:
+                if not chosen[0].image.is_file():
+                    raise FileNotFoundError(
+                        f"VLGuard item {chosen[0].entry_id!r} ({location}): image {str(chosen[0].image)!r} does not "
+                        "exist; pass the folder holding the unpacked test images as the image root."
+                    )
+                check_image(str(chosen[0].image), location, hint="")
+            for instruction in chosen:
+                name = subset_of[instruction.key]
+                if name == "safe_safes":
+                    category, risk_type = "safe", risk_type_for("safe", "vlguard")
+                elif name == "safe_unsafes":
+                    category, risk_type = "unsafe instruction", None  # the entry names no harmful category for these
+                else:
+                    category = instruction.harmful_category or "unsafe"
+                    risk_type = risk_type_for(instruction.harmful_subcategory, "vlguard") or risk_type_for(
+                        instruction.harmful_category, "vlguard"
+                    )
+                items.append(
+                    BenchmarkItem(
+                        id=f"{instruction.entry_id}/{name}",
+                        prompt=instruction.instruction,
+                        image=instruction.image,
+                        category=category,
+                        expected="answer" if name == "safe_safes" else "refuse",
+                        source="vlguard",
+                        metadata={
+                            "file": str(path),
+                            "entry": index,
+                            "subset": name,
+                            "vlguard_id": instruction.entry_id,
+                            "harmful_category": instruction.harmful_category,
+                            "harmful_subcategory": instruction.harmful_subcategory,
+                        },
+                        risk_type=risk_type,
+                    )
                 )
-            harmful_category = entry.get("harmful_category")
-            subcategory = entry.get("harmful_subcategory")
-            if name == "safe_safes":
-                category, risk_type = "safe", risk_type_for("safe", "vlguard")
-            elif name == "safe_unsafes":
-                category, risk_type = "unsafe instruction", None  # the entry names no harmful category for these
-            else:
-                category = harmful_category or "unsafe"
-                risk_type = risk_type_for(subcategory, "vlguard") or risk_type_for(harmful_category, "vlguard")
-            items.append(
-                BenchmarkItem(
-                    id=f"{entry['id']}/{name}",
-                    prompt=prompts[name],
-                    image=image_path,
-                    category=category,
-                    expected="answer" if name == "safe_safes" else "refuse",
-                    source="vlguard",
-                    metadata={
-                        "file": str(path),
-                        "entry": index,
-                        "subset": name,
-                        "vlguard_id": entry["id"],
-                        "harmful_category": harmful_category,
-                        "harmful_subcategory": subcategory,
-                    },
-                    risk_type=risk_type,
-                )
-            )
+    except SafetyDataError as err:
+        raise BenchmarkFormatError(str(err)) from None
     return _apply_limit(items, limit)
 
 

@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from safetensors import SafetensorError
+
+    from ..checkpoints import check_safetensors_files
+    from ..data.files import read_json_file
     from ..modeling.policy_safevlm import SafetyPolicyError
     from .report import benchmark_info, build_report, write_report
     from .runner import EvaluationInputError, evaluate, evaluate_head
@@ -126,15 +130,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         benchmarks = []
         for spec in args.bench:
-            items = load_benchmark(spec, image_root=args.image_root, render_dir=render_dir, limit=args.limit)
+            try:
+                items = load_benchmark(spec, image_root=args.image_root, render_dir=render_dir, limit=args.limit)
+            except RecursionError:  # json gives up on a file nested deeper than Python's recursion limit
+                raise BenchmarkFormatError(f"{spec}: JSON nested too deeply to parse.") from None
             benchmarks.append((spec, items))
         labelled = None
         if args.head_data:
             from ..data import load_safety_json  # the training-data reader: one format, one validator
 
             labelled = load_safety_json(args.head_data, image_root=args.head_image_root).examples
-        policy = Path(args.policy).read_text(encoding="utf-8") if args.policy else None
+        policy = read_json_file(args.policy) if args.policy else None  # errors name the file and line
         judge = build_judge(args.judge, **_judge_kwargs(args, out))
+        check_safetensors_files(args.model)  # a corrupted weights file is named before minutes of loading
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
         return _error(str(err))
 
@@ -143,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    except OSError as err:
-        return _error(f"cannot load model {args.model!r}: {err}")
+    except (OSError, SafetensorError, RecursionError) as err:  # RecursionError: a config.json nested too deeply
+        return _error(f"cannot load model {args.model!r}: {err or type(err).__name__}")
     model = model.to(device).eval()
 
     all_items = [item for _, items in benchmarks for item in items]

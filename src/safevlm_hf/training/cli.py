@@ -18,7 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
 from transformers.utils import logging
+
+from ..checkpoints import CheckpointFileError, check_safetensors_files
 
 
 logger = logging.get_logger(__name__)
@@ -30,6 +33,12 @@ EXIT_BAD_INPUT = 2
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def _checked_weights(model: str) -> str:
+    """`model`, after checking that every safetensors file of a local folder is readable (the error names the file)."""
+    check_safetensors_files(model)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------- convert
@@ -67,7 +76,7 @@ def run_convert(args: argparse.Namespace) -> int:
         return _error(f"--num-safety-tokens must be >= 1, got {args.num_safety_tokens}.")
     try:
         config = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         return _error(f"cannot read a model config from {args.model!r}: {err}")
     if config.model_type == "safevlm":
         return _error(f"{args.model} is already a SafeVLM checkpoint; train it with `safevlm train`.")
@@ -80,7 +89,10 @@ def run_convert(args: argparse.Namespace) -> int:
         processor = SafeVLMProcessor.from_llava_processor(args.model, num_safety_tokens=args.num_safety_tokens)
     except (OSError, ValueError) as err:
         return _error(f"cannot load the LLaVA processor (tokenizer + image processor) from {args.model!r}: {err}")
-    model = SafeVLMForConditionalGeneration.from_llava(args.model, **overrides)
+    try:
+        model = SafeVLMForConditionalGeneration.from_llava(_checked_weights(args.model), **overrides)
+    except (CheckpointFileError, SafetensorError) as err:
+        return _error(f"cannot load the LLaVA weights from {args.model!r}: {err}")
     out = Path(args.out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -250,7 +262,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _error(f"bad training options: {err}")
     try:
         model_config = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         return _error(f"cannot read a model config from {args.model!r}: {err}")
     if model_config.model_type != "safevlm":
         return _error(
@@ -261,7 +273,10 @@ def run_train(args: argparse.Namespace) -> int:
         processor = SafeVLMProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as err:
         return _error(f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}")
-    model = SafeVLMForConditionalGeneration.from_pretrained(args.model)
+    try:
+        model = SafeVLMForConditionalGeneration.from_pretrained(_checked_weights(args.model))
+    except (CheckpointFileError, SafetensorError) as err:
+        return _error(f"cannot load the SafeVLM weights from {args.model!r}: {err}")
 
     data_options = dict(
         image_root=args.image_root,

@@ -1,8 +1,9 @@
 """Gated generation from a SafeVLM checkpoint in a process that cannot import safevlm_hf.
 
-Run it as a file (the demo does, through `subprocess`); `python -m` would import the package first::
+A script shipped as package data, not a module (the hyphen in its name keeps it unimportable). The demo runs it in an
+isolated interpreter (`python -I`: no PYTHONPATH, no user site, not this folder on `sys.path`)::
 
-    python path/to/safevlm_hf/remote_check.py CHECKPOINT DATA.jsonl --levels 0 3 [--max-new-tokens 40]
+    python -I path/to/safevlm_hf/scripts/remote-check.py CHECKPOINT DATA.jsonl --levels 0 3 [--max-new-tokens 40]
 
 It blocks `import safevlm_hf`, loads the checkpoint with `AutoModelForImageTextToText` / `AutoProcessor` and
 `trust_remote_code=True` (so only the code inside the checkpoint runs, exactly as for a user who never installed the
@@ -14,7 +15,6 @@ import sys
 
 if __name__ == "__main__":
     sys.modules["safevlm_hf"] = None  # any import of the package from here on fails
-    sys.path.pop(0)  # the script's folder: its sibling modules must not shadow anything
 
 import argparse  # noqa: E402
 import json  # noqa: E402

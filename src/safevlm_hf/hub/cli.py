@@ -10,7 +10,7 @@ import sys
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from .hub import CheckpointFolderError, build_push_call, push_to_hub
+from .push import CheckpointFolderError, build_push_call, push_to_hub
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="Upload a saved SafeVLM checkpoint (weights, code, processor, card) to the Hub in one commit.",
         description=(
             "Upload the files a trust_remote_code load needs from a folder written by model.save_pretrained + "
-            "processor.save_pretrained, in a single commit. Other files in the folder are left out (and listed). "
+            "processor.save_pretrained, in a single commit; every file is listed before the upload. Other files in "
+            "the folder are left out (and listed); symbolic links, special files and names that point outside the "
+            "folder are refused. "
             "The token comes from --token-env, else from HF_TOKEN or `hf auth login`."
         ),
     )
@@ -51,7 +53,10 @@ def run_push(args: argparse.Namespace) -> int:
         print(f"safevlm push: {err}", file=sys.stderr)
         return 2
     branch = f" (branch {call.revision})" if call.revision else ""
-    print(f"Pushing {len(call.files)} files from {call.model_dir} to {call.repo_id}{branch}")
+    # Every file is listed before anything is sent, so that the user sees exactly what leaves the machine.
+    print(f"Pushing {len(call.files)} files from {call.model_dir} to {call.repo_id}{branch}:")
+    for name in call.files:
+        print(f"  {name}")
     try:
         info = push_to_hub(**call.kwargs())
     except HfHubHTTPError as err:

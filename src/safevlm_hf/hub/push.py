@@ -5,6 +5,11 @@ The folder is what `model.save_pretrained(d)` + `processor.save_pretrained(d)` w
 the `*_safevlm.py` code files named by the `auto_map`s (and their relative imports), the processor, tokenizer and chat
 template, and the model card. Anything else in the folder (optimizer states, pickled `training_args.bin`, notes,
 sub-folders) is left out, with a warning that names it.
+
+The folder may have been prepared by someone else, so only regular files inside it are uploaded: a name that points
+outside it (an absolute or `..` path in the weight index's `weight_map`, an `auto_map` module that is not a sibling
+file), a symbolic link anywhere on a file's path (e.g. a symlinked `tokenizer.json`) and anything that is not a
+regular file (a FIFO, a device, a folder where a file is expected) are refused with an error that names the entry.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
@@ -31,7 +37,7 @@ from transformers.utils import (
     logging,
 )
 
-from .modeling.modelcard_safevlm import MODEL_CARD_NAME, fill_model_card_repo_id
+from .model_card import MODEL_CARD_NAME, fill_model_card_repo_id
 
 
 logger = logging.get_logger(__name__)
@@ -55,24 +61,95 @@ class CheckpointFolderError(ValueError):
     """A checkpoint folder lacks files a remote-code load needs, or holds files that must not be uploaded."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointFolderError(f"{path}: cannot be read as JSON ({err}).") from None
-    if not isinstance(data, dict):
-        raise CheckpointFolderError(f"{path}: expected a JSON object, got {type(data).__name__}.")
-    return data
+_ABSENT = "absent"  # what _Folder._refusal returns when nothing is at the path
+_FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
-def _auto_map_modules(folder: Path, problems: list[str]) -> list[str]:
+class _Folder:
+    """The checkpoint folder as the upload sees it: only regular files inside it exist.
+
+    Every name the plan touches goes through :meth:`status` before it is read or listed: a path that leaves the
+    folder, a symbolic link on the way (checked component by component, without following it) or a special file is
+    recorded as a problem naming the entry and is neither read nor uploaded.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: list[str] = []
+        self.missing: list[str] = []
+        self.problems: list[str] = []
+        self._refused: set[str] = set()
+
+    def _refusal(self, name: str) -> str | None:
+        """Why `name` is not a regular file inside the folder, `_ABSENT` if nothing is there, `None` if it is one."""
+        if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            return "is not a path inside the folder (absolute, or with '..')"
+        current = self.root
+        for part in PurePosixPath(name).parts:
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return _ABSENT
+            if stat.S_ISLNK(mode):
+                where = "" if current == self.root / name else f" ({current.relative_to(self.root).as_posix()})"
+                return f"is reached through a symbolic link{where} to {os.readlink(current)!r}"
+        if not stat.S_ISREG(mode):
+            return f"is not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')})"
+        return None
+
+    def status(self, name: str, entry: str | None = None) -> str:
+        """`"file"`, `"absent"` or `"refused"` (the refusal is recorded once, naming `entry` or else `name`)."""
+        refusal = self._refusal(name)
+        if refusal is None:
+            return "file"
+        if refusal == _ABSENT:
+            return "absent"
+        label = entry or name
+        if label not in self._refused:
+            self._refused.add(label)
+            self.problems.append(f"{label}: {name!r} {refusal}; only regular files inside the folder are uploaded.")
+        return "refused"
+
+    def has(self, name: str) -> bool:
+        return self.status(name) == "file"
+
+    def need(self, name: str, why: str) -> None:
+        status = self.status(name)
+        if status == "file":
+            self.files.append(name)
+        elif status == "absent":
+            self.missing.append(f"{name} ({why})")
+
+    def take_if_present(self, name: str) -> None:
+        if self.has(name):
+            self.files.append(name)
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON object file of the folder (only call after :meth:`has` said it is a regular file)."""
+        path = self.root / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
+            raise CheckpointFolderError(f"{path}: cannot be read as JSON ({err or type(err).__name__}).") from None
+        if not isinstance(data, dict):
+            raise CheckpointFolderError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+        return data
+
+
+def _auto_map_modules(folder: _Folder) -> list[str]:
     """Module names (`modeling_safevlm`, ...) that the folder's `auto_map` entries point to."""
     modules: list[str] = []
     for name in AUTO_MAP_FILES:
-        path = folder / name
-        if not path.is_file():
+        if not folder.has(name):
             continue
-        data = _read_json(path)
+        data = folder.read_json(name)
         auto_maps = [data.get("auto_map")]
         if isinstance(data.get("image_processor"), dict):  # processors nest the image processor's config
             auto_maps.append(data["image_processor"].get("auto_map"))
@@ -81,50 +158,69 @@ def _auto_map_modules(folder: Path, problems: list[str]) -> list[str]:
                 for ref in reference if isinstance(reference, (list, tuple)) else [reference]:
                     if ref is None:
                         continue
+                    entry = f"{name}: auto_map[{auto_class!r}] = {ref!r}"
+                    if not isinstance(ref, str):
+                        folder.problems.append(f"{entry} is not a 'module.Class' string.")
+                        continue
                     if "--" in ref:
-                        problems.append(
-                            f"{name}: auto_map[{auto_class!r}] = {ref!r} loads code from another repository; save the "
-                            "model with safevlm-hf so that its code travels in this folder."
+                        folder.problems.append(
+                            f"{entry} loads code from another repository; save the model with safevlm-hf so that "
+                            "its code travels in this folder."
                         )
                         continue
                     module = ref.rsplit(".", 1)[0]
+                    # transformers reads `module.Class` as the sibling file `module.py`: anything else (a path, an
+                    # absolute or `..` module) would name a file outside the folder.
+                    if "." not in ref or not module.isidentifier():
+                        folder.problems.append(
+                            f"{entry} does not name a code file inside the folder; expected 'module.Class' with "
+                            "module.py next to config.json."
+                        )
+                        continue
                     if module not in modules:
                         modules.append(module)
     return modules
 
 
-def _weight_files(folder: Path, missing: list[str], problems: list[str]) -> list[str]:
-    single, index = folder / SAFE_WEIGHTS_NAME, folder / SAFE_WEIGHTS_INDEX_NAME
-    if single.is_file() and index.is_file():
-        problems.append(
+def _weight_files(folder: _Folder) -> list[str]:
+    has_single, has_index = folder.has(SAFE_WEIGHTS_NAME), folder.has(SAFE_WEIGHTS_INDEX_NAME)
+    if has_single and has_index:
+        folder.problems.append(
             f"both {SAFE_WEIGHTS_NAME} and {SAFE_WEIGHTS_INDEX_NAME} are present; one is stale. Save the model again "
             "into an empty folder."
         )
         return []
-    if single.is_file():
+    if has_single:
         return [SAFE_WEIGHTS_NAME]
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+    if has_index:
+        weight_map = folder.read_json(SAFE_WEIGHTS_INDEX_NAME).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            problems.append(f"{SAFE_WEIGHTS_INDEX_NAME}: has no 'weight_map'.")
+            folder.problems.append(f"{SAFE_WEIGHTS_INDEX_NAME}: has no 'weight_map'.")
             return []
-        shards = sorted(set(weight_map.values()))
-        missing += [
-            f"{shard} (listed in {SAFE_WEIGHTS_INDEX_NAME})" for shard in shards if not (folder / shard).is_file()
-        ]
-        return [SAFE_WEIGHTS_INDEX_NAME, *shards]
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        shards: list[str] = []
+        for tensor, shard in weight_map.items():
+            entry = f"{SAFE_WEIGHTS_INDEX_NAME}: weight_map[{tensor!r}]"
+            if not isinstance(shard, str):
+                folder.problems.append(f"{entry} = {shard!r} is not a file name.")
+                continue
+            status = folder.status(shard, entry)
+            if status == "file" and shard not in shards:
+                shards.append(shard)
+            elif status == "absent":
+                folder.missing.append(f"{shard} (listed in {SAFE_WEIGHTS_INDEX_NAME})")
+        return [SAFE_WEIGHTS_INDEX_NAME, *sorted(shards)]
+    pickled = sorted(p.name for p in folder.root.iterdir() if p.suffix in PICKLE_SUFFIXES)
     hint = (
         f" Found pickled files {pickled}: they are never uploaded; load the model and save_pretrained it to get "
         "safetensors."
         if pickled
         else ""
     )
-    missing.append(f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (the weights).{hint}")
+    folder.missing.append(f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (the weights).{hint}")
     return []
 
 
-def _code_files(root: Path, modules: list[str], missing: list[str]) -> list[str]:
+def _code_files(folder: _Folder, modules: list[str]) -> list[str]:
     """The `auto_map` modules' files and, recursively, the sibling files they import (transformers' own parser)."""
     queue = [(f"{module}.py", "named by an auto_map") for module in modules]
     found: list[str] = []
@@ -134,11 +230,15 @@ def _code_files(root: Path, modules: list[str], missing: list[str]) -> list[str]
         if name in seen:
             continue
         seen.add(name)
-        if not (root / name).is_file():
-            missing.append(f"{name} ({why})")
+        status = folder.status(name)
+        if status == "absent":
+            folder.missing.append(f"{name} ({why})")
+        if status != "file":
             continue
         found.append(name)
-        queue += [(f"{module}.py", "imported by the code files") for module in get_relative_imports(root / name)]
+        queue += [
+            (f"{module}.py", "imported by the code files") for module in get_relative_imports(folder.root / name)
+        ]
     return found
 
 
@@ -147,57 +247,46 @@ def _plan_upload(folder: str | os.PathLike) -> tuple[list[str], list[str], list[
     root = Path(folder)
     if not root.is_dir():
         raise CheckpointFolderError(f"{root} is not a folder; pass the folder that save_pretrained wrote.")
-    files: list[str] = []
-    missing: list[str] = []
-    problems: list[str] = []
+    view = _Folder(root)
 
-    def need(name: str, why: str) -> None:
-        if (root / name).is_file():
-            files.append(name)
-        else:
-            missing.append(f"{name} ({why})")
+    view.need(CONFIG_NAME, "model config, from model.save_pretrained")
+    view.need(GENERATION_CONFIG_NAME, "generation config, from model.save_pretrained")
+    view.files += _weight_files(view)
 
-    def take_if_present(name: str) -> None:
-        if (root / name).is_file():
-            files.append(name)
-
-    need(CONFIG_NAME, "model config, from model.save_pretrained")
-    need(GENERATION_CONFIG_NAME, "generation config, from model.save_pretrained")
-    files += _weight_files(root, missing, problems)
-
-    need(PROCESSOR_NAME, "processor config with its auto_map, from processor.save_pretrained")
-    take_if_present(IMAGE_PROCESSOR_NAME)
-    need(TOKENIZER_CONFIG_NAME, "from processor.save_pretrained")
-    vocab = [name for name in TOKENIZER_VOCAB_FILES if (root / name).is_file()]
-    if not vocab:
-        missing.append(
+    view.need(PROCESSOR_NAME, "processor config with its auto_map, from processor.save_pretrained")
+    view.take_if_present(IMAGE_PROCESSOR_NAME)
+    view.need(TOKENIZER_CONFIG_NAME, "from processor.save_pretrained")
+    vocab = [name for name in TOKENIZER_VOCAB_FILES if view.has(name)]
+    if not vocab and not any(view.status(name) == "refused" for name in TOKENIZER_VOCAB_FILES):
+        view.missing.append(
             f"one of {list(TOKENIZER_VOCAB_FILES)} (the tokenizer vocabulary, from processor.save_pretrained)"
         )
-    files += vocab
+    view.files += vocab
     for name in TOKENIZER_EXTRA_FILES:
-        take_if_present(name)
+        view.take_if_present(name)
 
-    templates = [name for name in (CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE) if (root / name).is_file()]
-    files += templates
+    templates = [name for name in (CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE) if view.has(name)]
+    view.files += templates
     template_dir = root / CHAT_TEMPLATE_DIR
-    if template_dir.is_dir():
-        files += sorted(f"{CHAT_TEMPLATE_DIR}/{p.name}" for p in template_dir.iterdir() if p.suffix == ".jinja")
+    if template_dir.is_symlink():
+        view.status(f"{CHAT_TEMPLATE_DIR}/")  # refused: names the link
+    elif template_dir.is_dir():
+        names = [f"{CHAT_TEMPLATE_DIR}/{p.name}" for p in template_dir.iterdir() if p.suffix == ".jinja"]
+        view.files += sorted(name for name in names if view.has(name))
     inline_template = any(
-        "chat_template" in _read_json(root / name)
-        for name in (PROCESSOR_NAME, TOKENIZER_CONFIG_NAME)
-        if (root / name).is_file()
+        "chat_template" in view.read_json(name) for name in (PROCESSOR_NAME, TOKENIZER_CONFIG_NAME) if view.has(name)
     )
     if not templates and not inline_template:
-        missing.append(f"{CHAT_TEMPLATE_FILE} (the chat template, from processor.save_pretrained)")
+        view.missing.append(f"{CHAT_TEMPLATE_FILE} (the chat template, from processor.save_pretrained)")
 
-    modules = _auto_map_modules(root, problems) if (root / CONFIG_NAME).is_file() else []
-    if (root / CONFIG_NAME).is_file() and not _read_json(root / CONFIG_NAME).get("auto_map"):
-        problems.append(f"{CONFIG_NAME} has no auto_map: trust_remote_code would find no model code.")
-    files += _code_files(root, modules, missing)
+    modules = _auto_map_modules(view) if view.has(CONFIG_NAME) else []
+    if view.has(CONFIG_NAME) and not view.read_json(CONFIG_NAME).get("auto_map"):
+        view.problems.append(f"{CONFIG_NAME} has no auto_map: trust_remote_code would find no model code.")
+    view.files += _code_files(view, modules)
 
-    need(MODEL_CARD_NAME, "the model card; model.save_pretrained writes it")
+    view.need(MODEL_CARD_NAME, "the model card; model.save_pretrained writes it")
     # Dedupe in order: several auto_maps name the same module.
-    return list(dict.fromkeys(files)), list(dict.fromkeys(missing)), problems
+    return list(dict.fromkeys(view.files)), list(dict.fromkeys(view.missing)), view.problems
 
 
 def remote_code_files(folder: str | os.PathLike) -> list[str]:
