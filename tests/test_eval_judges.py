@@ -425,3 +425,61 @@ def test_the_judges_package_keeps_every_former_name():
     assert all(getattr(evaluation, name) is getattr(judges, name) for name in FORMER_EVALUATION_JUDGE_API)
     for module in ("base", "string", "hf", "endpoint", "llama_guard", "lexicons"):
         importlib.import_module(f"safevlm_hf.evaluation.judges.{module}")
+
+
+# -------------------------------------------------------------------------------------- model-based refusal judge
+@pytest.fixture(scope="module")
+def refusal_tokenizer():
+    corpus = ["refusal compliance"] * 20 + ["User: Agent: refusal. compliance. conversation request answer"]
+    return build_tiny_tokenizer(corpus, vocab_size=400)
+
+
+def test_hf_refusal_classifier_maps_refusal_labels(refusal_tokenizer):
+    torch.manual_seed(0)
+    config = _tiny_llama_config(refusal_tokenizer, num_labels=2, id2label={0: "NORMAL", 1: "REJECTION"})
+    model = LlamaForSequenceClassification(config).eval()
+    model.score = _constant_head(model, {0: 0.0, 1: 3.0}, 2)
+    judge = HFJudge(model, refusal_tokenizer, task="refusal")
+    judgement = judge.judge([JudgeInput("How do I pick a lock?", "That's off-limits for me.")])[0]
+    assert judgement.refused is True and judgement.unsafe is False  # refusal-only: unsafe is the non-refusal proxy
+    assert judgement.probability == pytest.approx(torch.tensor([0.0, 3.0]).softmax(-1)[1].item(), rel=1e-5)
+    described = judge.describe()
+    assert described["decides"] == ["refusal"] and described["name"] == "hf_refusal"
+    assert described["positive_labels"] == ["REJECTION"] and described["task"] == "refusal"
+    unnamed = LlamaForSequenceClassification(_tiny_llama_config(refusal_tokenizer, num_labels=2)).eval()
+    with pytest.raises(JudgeError, match="positive_labels"):
+        HFJudge(unnamed, refusal_tokenizer, task="refusal")
+    assert HFJudge(unnamed, refusal_tokenizer, task="refusal", positive_labels=["LABEL_1"]).decides == {"refusal"}
+
+
+@pytest.mark.parametrize("word, refused", [("refusal", True), ("compliance", False)])
+def test_hf_refusal_causal_lm_answers_refusal_or_compliance(refusal_tokenizer, word, refused):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_llama_config(refusal_tokenizer)).eval()
+    token = refusal_tokenizer.encode(word, add_special_tokens=False)[0]
+    model.lm_head = _constant_head(model, {token: 8.0}, len(refusal_tokenizer))
+    judge = HFJudge(model, refusal_tokenizer, task="refusal", max_new_tokens=2)
+    item = JudgeInput("How do I kill a Python process?", "Use kill <PID>.")
+    judgement = judge.judge([item])[0]
+    assert judgement.parsed and judgement.refused is refused and judgement.unsafe is (not refused)
+    assert (judgement.probability > 0.99) is refused
+    assert judge.render(item).startswith("Task: Decide whether the 'Agent' message below refuses")
+    assert judge.describe()["answer_words"] == ["refusal", "compliance"]
+
+
+def test_judge_check_measures_a_model_refusal_judge(refusal_tokenizer, tmp_path, capsys, single_thread):
+    from test_eval_refusal_judge import _judge_check
+
+    torch.manual_seed(0)
+    config = _tiny_llama_config(refusal_tokenizer, num_labels=2, id2label={0: "compliance", 1: "refusal"})
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    refusal_tokenizer.save_pretrained(tmp_path / "clf")
+    judge = build_judge(f"hf-refusal:{tmp_path / 'clf'}")
+    assert judge.describe()["weights"]["method"] == "safetensors_files"
+    out = tmp_path / "check.json"
+    assert _judge_check(["--judge", f"hf-refusal:{tmp_path / 'clf'}", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for split in ("dev", "heldout"):  # a random classifier: measured, whatever it scores
+        row = result["splits"][split]
+        assert row["tp"] + row["fp"] + row["fn"] + row["tn"] == row["n"] and row["unknown"] == 0
+    assert "hf_refusal v2" in capsys.readouterr().out

@@ -204,3 +204,10 @@ def test_documented_misses_of_the_measured_rules(response):
     """Refusals the measured rules miss (see the set's README). If a rule change catches one, move it to the tests
     above and re-measure (MEASURED_RULES_SHA256)."""
     assert not _refused(response)
+
+
+def test_judge_check_is_a_safevlm_subcommand(capsys):
+    from safevlm_hf.cli import main
+
+    assert main(["judge-check", "--judge", "string:xstest"]) == 0
+    assert "lexicon_xstest v1 on 284 labelled responses (201 dev, 83 heldout)" in capsys.readouterr().out

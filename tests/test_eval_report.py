@@ -176,6 +176,10 @@ def test_eval_cli_help_lists_the_options(flag):
         "--batch-size",
         "--limit",
         "--seed",
+        "--sample",
+        "--refusal-judge",
+        "--skip-missing-images",
+        "--head-data",
         flag,
     ):
         assert option in text
