@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,17 @@ from safevlm_hf.evaluation import typography
 from safevlm_hf.evaluation.benchmarks import (
     FIGSTEP_PROMPT,
     BenchmarkFormatError,
+    BenchmarkItem,
     load_benchmark,
     load_figstep,
     load_mmsafetybench,
     load_vlguard,
     load_xstest,
     parse_benchmark_spec,
+    render_items,
+    select_benchmark,
 )
+from safevlm_hf.evaluation.sampling import stratified_sample
 from safevlm_hf.evaluation.typography import find_font, render_figstep_image, render_key_phrase_image, render_to_file
 
 
@@ -268,3 +273,89 @@ def test_render_to_file_is_content_addressed(tmp_path):
     assert render_to_file("figstep", "Steps to bake cake.", tmp_path) != first
     with pytest.raises(ValueError, match="Unknown typography style"):
         render_to_file("comic", "x", tmp_path)
+
+
+# ------------------------------------------------------------------------------------ choosing the items of a run
+def _sorted_xstest(tmp_path: Path) -> Path:
+    """An XSTest-format file sorted by type as the published one is: 20 safe homonyms, 10 safe definitions, then
+    10 unsafe contrast prompts."""
+    rows = ["id,prompt,type,label,focus,note"]
+    groups = [("homonyms", "safe", 20), ("definitions", "safe", 10), ("contrast_homonyms", "unsafe", 10)]
+    number = 0
+    for kind, label, count in groups:
+        for _ in range(count):
+            number += 1
+            rows.append(f"{number},Prompt number {number}?,{kind},{label},,")
+    path = tmp_path / "xstest_prompts.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_limit_is_a_prefix_and_sample_is_stratified(tmp_path):
+    path = _sorted_xstest(tmp_path)
+    prefix = select_benchmark(f"xstest:{path}", limit=10).items
+    assert [i.id for i in prefix] == [str(n) for n in range(1, 11)] and {i.expected for i in prefix} == {"answer"}
+    sample = select_benchmark(f"xstest:{path}", sample=10, seed=3)
+    counts = Counter((i.category, i.expected) for i in sample.items)
+    assert counts == {("homonyms", "answer"): 5, ("definitions", "answer"): 2, ("contrast_homonyms", "refuse"): 3} or (
+        counts == {("homonyms", "answer"): 5, ("definitions", "answer"): 3, ("contrast_homonyms", "refuse"): 2}
+    )  # 5 / 2.5 / 2.5: the tied remainder goes to one of the two strata
+    assert [int(i.id) for i in sample.items] == sorted(int(i.id) for i in sample.items)  # file order kept
+    assert sample.sample == 10 and sample.seed == 3 and sample.n_available == 40
+    again = select_benchmark(f"xstest:{path}", sample=10, seed=3).items
+    other = select_benchmark(f"xstest:{path}", sample=10, seed=4).items
+    assert [i.id for i in again] == [i.id for i in sample.items] and [i.id for i in other] != [i.id for i in again]
+    assert len(select_benchmark(f"xstest:{path}", sample=100).items) == 40
+    with pytest.raises(ValueError, match="either a limit .* or a sample"):
+        select_benchmark(f"xstest:{path}", limit=5, sample=5)
+
+
+def test_stratified_sample_keeps_every_label_and_category_its_share():
+    shares = {("a", "answer"): 50, ("b", "answer"): 30, ("x", "refuse"): 12, ("y", "refuse"): 8}
+    items = [
+        BenchmarkItem(f"{c}{i}", "p", None, c, label, "t") for (c, label), size in shares.items() for i in range(size)
+    ]
+    for n in (1, 3, 7, 10, 33, 99):
+        chosen = stratified_sample(items, n, seed=0)
+        assert len(chosen) == n and len({i.id for i in chosen}) == n
+        labels = Counter(i.expected for i in chosen)
+        assert abs(labels["answer"] - n * 0.8) < 1 and abs(labels["refuse"] - n * 0.2) < 1
+        categories = Counter(i.category for i in chosen)
+        assert all(abs(categories[c] - n * size / 100) < 2 for (c, _), size in shares.items())
+
+
+def test_sampling_renders_only_the_sampled_images(tmp_path):
+    render_dir = tmp_path / "rendered"
+    chosen = select_benchmark(
+        f"figstep:{FIXTURES / 'figstep' / 'safebench_sample.csv'}", sample=2, seed=0, render_dir=render_dir
+    ).items
+    assert len(chosen) == 2 and len(list(render_dir.glob("*.png"))) == 2
+    for item in chosen:
+        assert Path(item.image).parent == render_dir and item.load_image().size == (760, 760)
+        assert item.metadata["rendered_by"] == "safevlm-hf" and Path(item.metadata["font"]).is_file()
+        assert "render_pending" not in item.metadata
+    pending = load_figstep(FIXTURES / "figstep" / "safebench_sample.csv", render=False)
+    with pytest.raises(ValueError, match="has not been rendered yet"):
+        pending[0].load_image()
+    render_items(pending, render_dir)
+    assert pending[0].load_image() is not None
+
+
+def test_skip_missing_images_keeps_the_rest_and_lists_what_it_skipped(tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(FIXTURES / "vlguard" / "images", root)
+    (root / "HOD" / "hod_000202.jpg").unlink()
+    spec = f"vlguard:{FIXTURES / 'vlguard' / 'test.json'}"
+    with pytest.raises(FileNotFoundError, match="HOD_000202"):
+        select_benchmark(spec, image_root=root)
+    selection = select_benchmark(spec, image_root=root, skip_missing_images=True)
+    assert [i.id for i in selection.items] == ["Ads_000101/unsafes", "privacyAlert_303/unsafes"]
+    missing = str(root / "HOD" / "hod_000202.jpg")
+    assert selection.skipped_missing_images == [
+        ("HOD_000202/safe_safes", missing),
+        ("HOD_000202/safe_unsafes", missing),
+    ]
+    figstep = select_benchmark(
+        f"figstep:{FIXTURES / 'figstep' / 'safebench_sample.csv'}", image_root=tmp_path, skip_missing_images=True
+    )
+    assert figstep.items == [] and len(figstep.skipped_missing_images) == 5

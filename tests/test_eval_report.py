@@ -117,6 +117,7 @@ def test_eval_cli_rerun_with_endpoint_judge_hits_the_cache(saved_safevlm, tmp_pa
         "--bench", f"xstest:{XSTEST}",
         "--judge", "openai:judge-model",
         "--judge-base-url", chat_server.base_url,
+        "--judge-api-key-env", "none",
         "--judge-retries", "0",
         "--out", str(tmp_path / "eval"),
         "--limit", "3",
@@ -144,6 +145,7 @@ def test_eval_cli_bad_input_exits_with_2(saved_safevlm, tmp_path, capsys):
     assert _cli([*argv, "--profile", "teen", "--no-progress"]) == 2
     assert "unknown safety profile 'teen'" in capsys.readouterr().err
     unreachable = ["--judge", "openai:m", "--judge-base-url", "http://127.0.0.1:9/v1", "--judge-retries", "1"]
+    unreachable += ["--judge-api-key-env", "none"]
     assert _cli([*argv, *unreachable, "--max-new-tokens", "1", "--no-progress"]) == 2
     assert "http://127.0.0.1:9/v1/chat/completions" in capsys.readouterr().err
     assert not (tmp_path / "o" / "report.json").exists()
@@ -202,6 +204,101 @@ def test_eval_cli_help_lists_the_options(flag):
         "--batch-size",
         "--limit",
         "--seed",
+        "--sample",
+        "--refusal-judge",
+        "--skip-missing-images",
+        "--head-data",
         flag,
     ):
         assert option in text
+
+
+# ------------------------------------------------------------------------------- what a report pins and names
+def test_report_pins_weights_rendering_and_names_each_column(saved_safevlm, tmp_path, single_thread):
+    out = tmp_path / "eval"
+    argv = ["--model", str(saved_safevlm), "--bench", f"figstep:{FIGSTEP}", "--bench", f"xstest:{XSTEST}"]
+    argv += ["--out", str(out), "--limit", "2", "--max-new-tokens", "2", "--no-progress", "--no-plots"]
+    assert _cli(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    markdown = (out / "report.md").read_text()
+
+    weights = report["model"]["weights"]
+    assert weights == {
+        "method": "safetensors_files",
+        "files": {"model.safetensors": _sha256(saved_safevlm / "model.safetensors")},
+        "revision": None,
+    }
+    assert weights["files"]["model.safetensors"][:16] in markdown
+
+    figstep, xstest = report["benchmarks"]
+    rendering = figstep["rendering"]
+    assert rendering["rendered_by"] == "safevlm-hf" and rendering["n_images"] == 2
+    ((font, font_hash),) = rendering["fonts"].items()
+    assert font_hash == _sha256(Path(font))
+    for item_id, image in rendering["images"].items():
+        assert image["sha256"] == _sha256(Path(image["path"])) and item_id.startswith("ForbidQI_")
+    assert xstest["rendering"] is None
+    assert "re-rendered by safevlm-hf" in markdown and Path(font).name in markdown
+
+    # The string judge detects refusals: no attack-success number anywhere, and every column says its judge.
+    assert report["metric_sources"] == {"attack_success": None, "refusal": "string_match"}
+    assert report["metrics"]["overall"]["attack_success_rate"] is None
+    assert "attack success [" not in markdown and "non-refusal (risky) [string_match]" in markdown
+    assert "refusal judge `string_match` v2" in markdown and "detects refusals only" in markdown
+
+
+def test_weights_hash_tells_a_model_from_its_fine_tuned_copy(tiny_safevlm):
+    from safevlm_hf.evaluation.report import model_info
+
+    model, _ = tiny_safevlm
+    before = model_info(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    after = model_info(model)
+    assert before["config_hash"] == after["config_hash"]  # what the old reports pinned
+    assert before["weights"]["method"] == "state_dict" and before["weights"]["sha256"] != after["weights"]["sha256"]
+
+
+def test_eval_cli_sample_and_skip_missing_images(saved_safevlm, tmp_path, capsys, single_thread):
+    vlguard = FIXTURES / "vlguard"
+    root = tmp_path / "images"
+    shutil.copytree(vlguard / "images", root)
+    (root / "bad_ads" / "ads_000101.png").unlink()
+    out = tmp_path / "eval"
+    argv = ["--model", str(saved_safevlm), "--bench", f"vlguard:{vlguard / 'test.json'}", "--image-root", str(root)]
+    argv += ["--out", str(out), "--max-new-tokens", "2", "--no-progress", "--no-plots"]
+    assert _cli(argv) == 2  # without the option a missing image is an error naming it
+    assert "Ads_000101" in capsys.readouterr().err and not out.exists()
+    assert _cli([*argv, "--skip-missing-images", "--sample", "2", "--seed", "1"]) == 0
+    assert "skipped 1 items with missing images" in capsys.readouterr().out
+    bench = json.loads((out / "report.json").read_text())["benchmarks"][0]
+    assert bench["skipped_missing_images"] == {
+        "count": 1,
+        "first": [{"id": "Ads_000101/unsafes", "image": str(root / "bad_ads" / "ads_000101.png")}],
+    }
+    assert (bench["sample"], bench["seed"], bench["n_available"], bench["n_items"]) == (2, 1, 3, 2)
+    markdown = (out / "report.md").read_text()
+    assert (
+        "stratified sample of 2 (seed 1) from 3" in markdown and "skipped 1 items whose image is missing" in markdown
+    )
+    with pytest.raises(SystemExit):  # argparse: --limit and --sample are exclusive
+        _cli([*argv, "--limit", "1", "--sample", "1"])
+
+
+@pytest.mark.parametrize("spec", ["vlguard", "xstest", "figstep"])
+def test_head_data_accepts_every_adapter_prefix(saved_safevlm, tmp_path, spec, single_thread):
+    sources = {
+        "vlguard": f"vlguard:{Path(__file__).parent / 'fixtures' / 'vlguard' / 'train.json'}",
+        "xstest": f"xstest:{FIXTURES / 'xstest' / 'xstest_prompts.csv'}",
+        "figstep": f"figstep:{FIGSTEP}",
+    }
+    out = tmp_path / "eval"
+    argv = ["--model", str(saved_safevlm), "--bench", f"xstest:{XSTEST}", "--limit", "1", "--out", str(out)]
+    argv += ["--head-data", sources[spec], "--max-new-tokens", "1", "--no-progress", "--no-plots"]
+    assert _cli(argv) == 0
+    head = json.loads((out / "report.json").read_text())["head_metrics"]
+    assert head["type"]["count"] > 0
+    if spec == "vlguard":  # the training reader: every row has a level
+        assert head["unleveled"] == 0 and head["level"]["count"] == head["type"]["count"]
+    if spec == "figstep":  # every item is risky: types known, levels not given by the benchmark
+        assert head["unleveled"] == head["type"]["count"] and head["level"]["count"] == 0

@@ -5,10 +5,15 @@ Typical use::
     from safevlm_hf.evaluation import build_judge, evaluate, load_benchmark, build_report, write_report
 
     items = load_benchmark("figstep:SafeBench-Tiny.csv") + load_benchmark("xstest:xstest_prompts.csv")
-    result = evaluate(model, processor, items, build_judge("string"), max_new_tokens=256)
+    result = evaluate(
+        model, processor, items, build_judge("llama-guard-3:meta-llama/Llama-Guard-3-8B"),
+        refusal_judge=build_judge("string"), max_new_tokens=256,
+    )
     write_report(build_report(result, model=model), "eval/", records=result.records)
 
-The command line equivalent is ``safevlm eval`` (:mod:`safevlm_hf.evaluation.cli`).
+Attack success comes only from a judge that decides harm; refusal, non-refusal and over-refusal rates from a refusal
+judge, whose error can be measured with ``safevlm judge-check`` (:mod:`~.judge_check`). The command line equivalent
+is ``safevlm eval`` (:mod:`safevlm_hf.evaluation.cli`).
 """
 
 from .benchmarks import (
@@ -16,14 +21,17 @@ from .benchmarks import (
     FIGSTEP_PROMPT,
     BenchmarkFormatError,
     BenchmarkItem,
+    BenchmarkSelection,
     LabelledItem,
     load_benchmark,
     load_figstep,
     load_mmsafetybench,
     load_vlguard,
     load_xstest,
+    select_benchmark,
 )
 from .human_eval import HumanEvalError, HumanEvalSummary, export_ab_pairs, import_labels
+from .judge_check import load_refusal_set, measure_refusal_judge
 from .judges import (
     GUARD_PROMPT_TEMPLATE,
     JUDGE_PROMPT_TEMPLATE,
@@ -35,6 +43,9 @@ from .judges import (
     JudgeError,
     JudgeInput,
     Judgement,
+    LexiconJudge,
+    LlamaGuard3Judge,
+    LlamaGuard3VisionJudge,
     OpenAIChatJudge,
     StringMatchJudge,
     build_judge,
@@ -49,7 +60,9 @@ from .metrics import (
     plot_confusion_matrix,
 )
 from .report import build_report, write_report
+from .provenance import weights_fingerprint
 from .runner import EvaluationInputError, EvaluationResult, evaluate, evaluate_head
+from .sampling import stratified_sample
 from .taxonomy import CATEGORY_RISK_TYPES, RISK_TYPES, risk_type_for
 from .typography import render_figstep_image, render_key_phrase_image
 
@@ -66,6 +79,7 @@ __all__ = [
     "SAFEVLM_RUBRICS",
     "BenchmarkFormatError",
     "BenchmarkItem",
+    "BenchmarkSelection",
     "EvaluationInputError",
     "EvaluationResult",
     "HFJudge",
@@ -77,6 +91,9 @@ __all__ = [
     "JudgeInput",
     "Judgement",
     "LabelledItem",
+    "LexiconJudge",
+    "LlamaGuard3Judge",
+    "LlamaGuard3VisionJudge",
     "OpenAIChatJudge",
     "StringMatchJudge",
     "build_judge",
@@ -93,11 +110,16 @@ __all__ = [
     "load_benchmark",
     "load_figstep",
     "load_mmsafetybench",
+    "load_refusal_set",
     "load_vlguard",
     "load_xstest",
+    "measure_refusal_judge",
     "plot_confusion_matrix",
     "render_figstep_image",
     "render_key_phrase_image",
     "risk_type_for",
+    "select_benchmark",
+    "stratified_sample",
+    "weights_fingerprint",
     "write_report",
 ]

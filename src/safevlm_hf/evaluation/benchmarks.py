@@ -33,7 +33,7 @@ from PIL import Image
 from transformers.utils import logging
 
 from .taxonomy import risk_type_for
-from .typography import render_to_file
+from .typography import render_to_file, style_font
 
 
 logger = logging.get_logger(__name__)
@@ -120,6 +120,10 @@ class BenchmarkItem:
 
     def load_image(self) -> Image.Image | None:
         """The item's image as an RGB PIL image (opened from disk when ``image`` is a path)."""
+        if self.metadata.get("render_pending"):
+            raise ValueError(
+                f"Item {self.id!r}: its typographic image has not been rendered yet; call render_items() first."
+            )
         return open_image(self.image, self.id)
 
     def image_ref(self) -> str | None:
@@ -133,14 +137,15 @@ class BenchmarkItem:
 class LabelledItem:
     """A prompt with gold safety-head labels, for :func:`~safevlm_hf.evaluation.runner.evaluate_head`.
 
-    ``safe_type`` indexes the model's ``config.safety_types``; ``safe_level`` its ``config.safety_levels``. (Training
-    examples from :mod:`safevlm_hf.data` are accepted by ``evaluate_head`` as they are.)
+    ``safe_type`` indexes the model's ``config.safety_types`` (or names one of them); ``safe_level`` indexes its
+    ``config.safety_levels``, or is ``None`` when the source does not give a level (such items count for the type
+    metrics only). (Training examples from :mod:`safevlm_hf.data` are accepted by ``evaluate_head`` as they are.)
     """
 
     prompt: str
     image: ImageRef
-    safe_type: int
-    safe_level: int
+    safe_type: int | str | None
+    safe_level: int | None
     id: str = ""
 
 
@@ -252,6 +257,40 @@ def _apply_limit(items: list[BenchmarkItem], limit: int | None) -> list[Benchmar
     return items if limit is None else items[:limit]
 
 
+#: Benchmarks whose images this package renders itself (FigStep's typographic prompts, MM-SafetyBench TYPO images
+#: when the published file is absent): reports mark them "re-rendered by safevlm-hf".
+RENDERED_BY = "safevlm-hf"
+
+
+def _typographic(
+    style: str,
+    text: str,
+    metadata: dict[str, Any],
+    render: bool,
+    render_dir: PathLike | None,
+    font_path: PathLike | None,
+) -> Path | None:
+    """Record in ``metadata`` that the item's image is re-rendered here (style, text, font file), and render it now
+    (``render``) or leave it pending for :func:`render_items` (sampling renders only the items it keeps)."""
+    metadata.update(rendered=True, rendered_by=RENDERED_BY, render_style=style, render_text=text)
+    metadata["font"] = style_font(style, font_path)
+    if not render:
+        metadata["render_pending"] = True
+        return None
+    return render_to_file(style, text, render_dir, font_path)
+
+
+def render_items(
+    items: Sequence[BenchmarkItem], render_dir: PathLike | None = None, font_path: PathLike | None = None
+) -> None:
+    """Render the typographic images left pending by a loader called with ``render=False`` (in place)."""
+    for item in items:
+        if item.metadata.pop("render_pending", False):
+            item.image = render_to_file(
+                item.metadata["render_style"], item.metadata["render_text"], render_dir, font_path
+            )
+
+
 # ------------------------------------------------------------------------------------------------------ FigStep
 def load_figstep(
     path: PathLike,
@@ -261,6 +300,8 @@ def load_figstep(
     render_dir: PathLike | None = None,
     font_path: PathLike | None = None,
     limit: int | None = None,
+    check_images: bool = True,
+    render: bool = True,
 ) -> list[BenchmarkItem]:
     """Read a FigStep SafeBench CSV (``safebench.csv``, ``SafeBench-Tiny.csv``).
 
@@ -268,6 +309,9 @@ def load_figstep(
     1-3 (rendered offline, or the published ``query_{dataset}_{category_id}_{task_id}_6.png`` under ``image_root``
     when given), and the text prompt is :data:`FIGSTEP_PROMPT`. ``variant="text"``: FigStep's text-only baseline,
     the row's ``question`` with no image. Every item is expected to be refused.
+
+    ``check_images=False`` keeps items whose published image is missing (to skip them later); ``render=False``
+    leaves the typographic images to :func:`render_items`.
     """
     if variant not in FIGSTEP_VARIANTS:
         raise ValueError(f"Unknown FigStep variant {variant!r}; use one of {list(FIGSTEP_VARIANTS)}.")
@@ -299,14 +343,13 @@ def load_figstep(
             prompt = FIGSTEP_PROMPT
             if image_root is not None:
                 image = Path(image_root) / f"query_{row['dataset']}_{category_id}_{task_id}_6.png"
-                if not image.is_file():
+                if check_images and not image.is_file():
                     raise FileNotFoundError(
                         f"FigStep item {item_id} ({path}:{line}): image {str(image)!r} does not exist; check the "
                         "image root, or leave it out to render the typographic images offline."
                     )
             else:
-                image = render_to_file("figstep", row["instruction"], render_dir, font_path)
-                metadata["rendered"] = True
+                image = _typographic("figstep", row["instruction"], metadata, render, render_dir, font_path)
         items.append(
             BenchmarkItem(
                 id=item_id,
@@ -477,6 +520,8 @@ def load_mmsafetybench(
     render_dir: PathLike | None = None,
     font_path: PathLike | None = None,
     limit: int | None = None,
+    check_images: bool = True,
+    render: bool = True,
 ) -> list[BenchmarkItem]:
     """Read MM-SafetyBench question files (the folder of ``NN-Scenario.json`` files, or one file).
 
@@ -486,7 +531,9 @@ def load_mmsafetybench(
 
     When a ``TYPO`` image is absent and ``render_missing`` is true, it is rendered offline from the entry's
     ``"Key Phrase"`` (the TYPO images are exactly that phrase as text). ``SD`` and ``SD_TYPO`` images contain a
-    Stable Diffusion picture and cannot be rendered: an absent one raises an error naming the id and the path.
+    Stable Diffusion picture and cannot be rendered: an absent one raises an error naming the id and the path
+    (with ``check_images=False`` the item is kept, to be skipped later). ``render=False`` leaves the TYPO images to
+    :func:`render_items`.
     """
     if variant not in MMSAFETYBENCH_VARIANTS:
         raise ValueError(f"Unknown MM-SafetyBench variant {variant!r}; use one of {list(MMSAFETYBENCH_VARIANTS)}.")
@@ -536,9 +583,8 @@ def load_mmsafetybench(
             }
             if not Path(image).is_file():
                 if variant == "TYPO" and render_missing:
-                    metadata["rendered"] = True
-                    image = render_to_file("key_phrase", entry["Key Phrase"], render_dir, font_path)
-                else:
+                    image = _typographic("key_phrase", entry["Key Phrase"], metadata, render, render_dir, font_path)
+                elif check_images:
                     hint = (
                         "TYPO images can also be rendered offline with render_missing=True"
                         if variant == "TYPO"
@@ -603,26 +649,113 @@ def load_benchmark(
 
     ``image_root`` applies to benchmarks with image files (FigStep's published PNGs, VLGuard, MM-SafetyBench);
     ``render_dir`` is where typographic images are written (default :func:`~.typography.default_render_dir`);
-    ``limit`` keeps the first N items.
+    ``limit`` keeps the first N items. :func:`select_benchmark` adds stratified sampling and skipping of items whose
+    images are missing.
     """
+    return _load(spec, image_root, render_dir, font_path, limit, check_images=True, render=True)
+
+
+def _load(
+    spec: str,
+    image_root: PathLike | None,
+    render_dir: PathLike | None,
+    font_path: PathLike | None,
+    limit: int | None,
+    *,
+    check_images: bool,
+    render: bool,
+) -> list[BenchmarkItem]:
     name, path, option = parse_benchmark_spec(spec)
+    typography = dict(render_dir=render_dir, font_path=font_path, render=render, check_images=check_images)
     if name == "figstep":
-        return load_figstep(
-            path, option or "figstep", image_root=image_root, render_dir=render_dir, font_path=font_path, limit=limit
-        )
+        return load_figstep(path, option or "figstep", image_root=image_root, limit=limit, **typography)
     if name == "xstest":
         return load_xstest(path, limit=limit)
     if name == "vlguard":
-        return load_vlguard(path, option, image_root=image_root, limit=limit)
-    return load_mmsafetybench(
-        path, option or "SD_TYPO", image_root=image_root, render_dir=render_dir, font_path=font_path, limit=limit
+        return load_vlguard(path, option, image_root=image_root, check_images=check_images, limit=limit)
+    return load_mmsafetybench(path, option or "SD_TYPO", image_root=image_root, limit=limit, **typography)
+
+
+@dataclass
+class BenchmarkSelection:
+    """The items of one benchmark chosen for a run, and how they were chosen (reports record all of it).
+
+    Attributes:
+        spec: the benchmark spec.
+        items: the items to evaluate.
+        limit: ``--limit`` (a plain prefix of the file), or ``None``.
+        sample / seed: ``--sample`` size and seed (stratified by category and expected behaviour), or ``None``.
+        n_available: items the sample was drawn from (after the limit and the skipped items).
+        skipped_missing_images: (item id, image path) of the items left out because their image file is missing.
+    """
+
+    spec: str
+    items: list[BenchmarkItem]
+    limit: int | None = None
+    sample: int | None = None
+    seed: int | None = None
+    n_available: int = 0
+    skipped_missing_images: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _image_missing(item: BenchmarkItem) -> bool:
+    return isinstance(item.image, (str, os.PathLike)) and not Path(item.image).is_file()
+
+
+def select_benchmark(
+    spec: str,
+    *,
+    image_root: PathLike | None = None,
+    render_dir: PathLike | None = None,
+    font_path: PathLike | None = None,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    skip_missing_images: bool = False,
+) -> BenchmarkSelection:
+    """Load a benchmark (:func:`load_benchmark`) and choose the items to evaluate.
+
+    * ``limit``: the first N items of the file (a plain prefix; files are often sorted by category).
+    * ``sample`` / ``seed``: N items drawn with :func:`~.sampling.stratified_sample`, proportionally from every
+      (category, expected behaviour) stratum; only the sampled typographic images are rendered. Exclusive with
+      ``limit``.
+    * ``skip_missing_images``: leave out items whose image file does not exist (before sampling) instead of failing;
+      they are listed in :attr:`BenchmarkSelection.skipped_missing_images`.
+    """
+    from .sampling import stratified_sample
+
+    if limit is not None and sample is not None:
+        raise ValueError(f"{spec}: use either a limit (first N items) or a sample (stratified N items), not both.")
+    if sample is not None and sample < 1:
+        raise ValueError(f"sample must be >= 1, got {sample}.")
+    items = _load(
+        spec, image_root, render_dir, font_path, limit, check_images=not skip_missing_images, render=sample is None
+    )
+    skipped = []
+    if skip_missing_images:
+        skipped = [(item.id, str(item.image)) for item in items if _image_missing(item)]
+        items = [item for item in items if not _image_missing(item)]
+    available = len(items)
+    if sample is not None:
+        items = stratified_sample(items, sample, seed)
+        render_items(items, render_dir, font_path)
+    return BenchmarkSelection(
+        spec=spec,
+        items=items,
+        limit=limit,
+        sample=sample,
+        seed=seed if sample is not None else None,
+        n_available=available,
+        skipped_missing_images=skipped,
     )
 
 
 __all__ = [
     "BENCHMARKS",
+    "RENDERED_BY",
     "BenchmarkFormatError",
     "BenchmarkItem",
+    "BenchmarkSelection",
     "FIGSTEP_PROMPT",
     "LabelledItem",
     "MMSAFETYBENCH_IMAGE_TEMPLATE",
@@ -636,4 +769,6 @@ __all__ = [
     "load_xstest",
     "open_image",
     "parse_benchmark_spec",
+    "render_items",
+    "select_benchmark",
 ]

@@ -18,12 +18,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BenchmarkFormatError, load_benchmark
+from .benchmarks import BenchmarkFormatError, select_benchmark
 from .judges import JudgeError, build_judge
+from .judges.endpoint import NO_API_KEY
+from .redaction import check_env_var_name, redact_text
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``eval`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
+    """Add the ``eval`` subcommand (and ``judge-check``, :mod:`.judge_check`) to ``subparsers`` (from
+    ``ArgumentParser.add_subparsers()``); returns the ``eval`` parser."""
+    from . import judge_check
+
+    judge_check.register(subparsers)
     parser = subparsers.add_parser(
         "eval",
         help="Evaluate a model on safety benchmarks and write a report.",
@@ -41,25 +47,57 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="Benchmark spec, repeatable: figstep:PATH[:text], xstest:PATH, vlguard:PATH[:subset], "
         "mmsafetybench:DIR[:SD|TYPO|SD_TYPO].",
     )
-    parser.add_argument("--judge", default="string", help="string (default) | hf:MODEL | openai:MODEL.")
+    parser.add_argument(
+        "--judge",
+        default="string",
+        help="string (default; rule-based refusal detection: reports a non-refusal rate, not attack success) | "
+        "string:xstest | string:gcg | hf:MODEL | hf-refusal:MODEL | llama-guard-3:MODEL | llama-guard-3-vision:MODEL "
+        "| openai:MODEL.",
+    )
+    parser.add_argument(
+        "--refusal-judge",
+        default=None,
+        metavar="SPEC",
+        help="Judge of refusal/over-refusal (e.g. string, hf-refusal:MODEL). Default: the --judge when it decides "
+        "refusals; with a harm-only judge (hf:, llama-guard-3:) the refusal columns stay empty unless this is given.",
+    )
     parser.add_argument("--out", required=True, help="Output folder for the report, records and plots.")
     parser.add_argument("--profile", default=None, help="SafeVLM safety profile (default: the policy's default).")
     parser.add_argument("--policy", default=None, help="JSON file with a safety policy replacing the checkpoint's.")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Answer length (default: 256).")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default: 8).")
-    parser.add_argument("--limit", type=int, default=None, help="Keep the first N items of each benchmark.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed set before generating (default: 0).")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument(
+        "--limit", type=int, default=None, help="Keep the first N items of each benchmark file (a plain prefix)."
+    )
+    subset.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Evaluate N items of each benchmark, drawn with --seed and stratified by category and expected label.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of --sample and of generation (default: 0).")
+    parser.add_argument(
+        "--skip-missing-images",
+        action="store_true",
+        help="Skip benchmark items whose image file is missing (counted and listed in the report) instead of failing.",
+    )
     parser.add_argument("--image-root", default=None, help="Folder of benchmark images (VLGuard, MM-SafetyBench).")
     parser.add_argument("--render-dir", default=None, help="Where typographic images go (default: OUT/rendered).")
     parser.add_argument(
-        "--head-data", default=None, help="Labelled rows (PSA-VLM JSONL/JSON, as for training) for head metrics."
+        "--head-data",
+        default=None,
+        help="Labelled rows for safety-head metrics: a training file (.jsonl/.json), vlguard:PATH (its training "
+        "labels), or a benchmark spec (figstep:, xstest:, mmsafetybench:; types from the benchmark's categories).",
     )
     parser.add_argument("--head-image-root", default=None, help="Image folder of --head-data (default: its folder).")
     parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (openai judges).")
     parser.add_argument(
         "--judge-api-key-env",
         default="OPENAI_API_KEY",
-        help="Environment variable holding the judge API key (default: OPENAI_API_KEY).",
+        help="NAME of the environment variable holding the judge API key (default: OPENAI_API_KEY); 'none' for a "
+        "server that needs no key. A key pasted here is refused.",
     )
     parser.add_argument("--judge-cache", default=None, help="Judge cache folder (default: OUT/judge_cache).")
     parser.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per judge request (default: 60).")
@@ -74,7 +112,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
-    """The equivalent ``safevlm eval`` command, for the report (rebuilt from the parsed options)."""
+    """The equivalent ``safevlm eval`` command, for the report (rebuilt from the parsed options; credentials in it are
+    redacted when the report is written)."""
     command = ["safevlm", "eval"]
     for name, value in sorted(vars(args).items()):
         if name in ("func", "command") or value is None or value is False:
@@ -90,8 +129,9 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     return command
 
 
-def _judge_kwargs(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    kind = args.judge.partition(":")[0].lower()
+def _judge_kwargs(spec: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Constructor options of the judge built from ``spec`` (the CLI options that apply to its kind)."""
+    kind = spec.partition(":")[0].lower()
     if kind == "openai":
         return {
             "base_url": args.judge_base_url,
@@ -101,13 +141,13 @@ def _judge_kwargs(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "max_retries": args.judge_retries,
             "show_progress": not args.no_progress,
         }
-    if kind == "hf":
+    if kind in ("hf", "hf-refusal", "llama-guard-3", "llama-guard-3-vision"):
         return {"device": None if args.device == "auto" else args.device}
     return {}
 
 
 def _error(message: str) -> int:
-    print(f"safevlm eval: error: {message}", file=sys.stderr)
+    print(f"safevlm eval: error: {redact_text(message)}", file=sys.stderr)
     return 2
 
 
@@ -121,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import check_safetensors_files
     from ..data.files import read_json_file
     from ..modeling.policy_safevlm import SafetyPolicyError
+    from .head_data import HeadDataError, load_head_data
     from .report import benchmark_info, build_report, write_report
     from .runner import EvaluationInputError, evaluate, evaluate_head
 
@@ -128,22 +169,39 @@ def run(args: argparse.Namespace) -> int:
     render_dir = Path(args.render_dir) if args.render_dir else out / "rendered"
     # Read every input before loading the model, so a bad file fails in seconds, not after minutes of loading.
     try:
-        benchmarks = []
+        if args.sample is not None and args.sample < 1:
+            raise ValueError(f"--sample must be >= 1, got {args.sample}.")
+        if args.judge_api_key_env not in NO_API_KEY:
+            check_env_var_name(args.judge_api_key_env, "--judge-api-key-env")
+        selections = []
         for spec in args.bench:
             try:
-                items = load_benchmark(spec, image_root=args.image_root, render_dir=render_dir, limit=args.limit)
+                selections.append(
+                    select_benchmark(
+                        spec,
+                        image_root=args.image_root,
+                        render_dir=render_dir,
+                        limit=args.limit,
+                        sample=args.sample,
+                        seed=args.seed,
+                        skip_missing_images=args.skip_missing_images,
+                    )
+                )
             except RecursionError:  # json gives up on a file nested deeper than Python's recursion limit
                 raise BenchmarkFormatError(f"{spec}: JSON nested too deeply to parse.") from None
-            benchmarks.append((spec, items))
+        empty = [selection.spec for selection in selections if not selection.items]
+        if empty:
+            raise ValueError(f"no item left to evaluate in {empty} (all skipped or an empty file).")
         labelled = None
         if args.head_data:
-            from ..data import load_safety_json  # the training-data reader: one format, one validator
-
-            labelled = load_safety_json(args.head_data, image_root=args.head_image_root).examples
+            labelled = load_head_data(args.head_data, image_root=args.head_image_root)
         policy = read_json_file(args.policy) if args.policy else None  # errors name the file and line
-        judge = build_judge(args.judge, **_judge_kwargs(args, out))
+        judge = build_judge(args.judge, **_judge_kwargs(args.judge, args, out))
+        refusal_judge = None
+        if args.refusal_judge:
+            refusal_judge = build_judge(args.refusal_judge, **_judge_kwargs(args.refusal_judge, args, out))
         check_safetensors_files(args.model)  # a corrupted weights file is named before minutes of loading
-    except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
+    except (OSError, ValueError, BenchmarkFormatError, JudgeError, HeadDataError) as err:
         return _error(str(err))
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -155,13 +213,14 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"cannot load model {args.model!r}: {err or type(err).__name__}")
     model = model.to(device).eval()
 
-    all_items = [item for _, items in benchmarks for item in items]
+    all_items = [item for selection in selections for item in selection.items]
     try:
         result = evaluate(
             model,
             processor,
             all_items,
             judge,
+            refusal_judge=refusal_judge,
             profile=args.profile,
             policy=policy,
             max_new_tokens=args.max_new_tokens,
@@ -178,23 +237,54 @@ def run(args: argparse.Namespace) -> int:
     report = build_report(
         result,
         model=model,
-        benchmarks=[benchmark_info(spec, items, args.limit) for spec, items in benchmarks],
+        benchmarks=[
+            benchmark_info(
+                selection.spec,
+                selection.items,
+                selection.limit,
+                sample=selection.sample,
+                seed=selection.seed,
+                n_available=selection.n_available,
+                skipped_missing_images=selection.skipped_missing_images,
+            )
+            for selection in selections
+        ],
         head_metrics=head,
         command=_command_line(args),
+        weights="auto",  # files when the model came from safetensors files (unchanged since), else its state dict
     )
     written = write_report(report, out, records=result.records, plots=not args.no_plots)
-    overall = result.metrics["overall"]
-
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}%"
-
-    print(
-        f"{overall['n_items']} items: ASR {pct(overall['attack_success_rate'])}, refusal on risky "
-        f"{pct(overall['refusal_rate_risky'])}, over-refusal {pct(overall['over_refusal_rate'])}, "
-        f"unparseable {overall['unparseable']}."
-    )
+    print(summary_line(result.metrics["overall"], result.settings["metric_sources"]))
+    for selection in selections:
+        if selection.skipped_missing_images:
+            first = ", ".join(image for _, image in selection.skipped_missing_images[:3])
+            print(
+                f"{selection.spec}: skipped {len(selection.skipped_missing_images)} items with missing images "
+                f"(first: {first})."
+            )
     print(f"Report: {written['markdown']} ({shlex.quote(str(written['json']))})")
     return 0
 
 
-__all__ = ["register", "run"]
+def summary_line(overall: dict[str, Any], sources: dict[str, Any]) -> str:
+    """The one-line summary printed after a run; every rate is named with the judge that produced it."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    parts = [f"{overall['n_items']} items"]
+    harm, refusal = sources.get("attack_success"), sources.get("refusal")
+    if harm:
+        parts.append(f"attack success {pct(overall['attack_success_rate'])} [{harm}]")
+    if refusal:
+        if not harm:
+            parts.append(f"non-refusal (risky) {pct(overall['non_refusal_rate'])} [{refusal}]")
+        parts.append(f"refusal (risky) {pct(overall['refusal_rate_risky'])} [{refusal}]")
+        parts.append(f"over-refusal {pct(overall['over_refusal_rate'])} [{refusal}]")
+    else:
+        parts.append("refusal rates n/a (no refusal judge)")
+    parts.append(f"unparseable {overall['unparseable']}")
+    return ", ".join(parts) + "."
+
+
+__all__ = ["register", "run", "summary_line"]

@@ -4,16 +4,25 @@ it, the per-item records (JSON Lines) and PNG plots.
 Pinned in ``report.json`` (schema version :data:`REPORT_SCHEMA_VERSION`):
 
 * ``model``: ``name_or_path``, ``class``, ``config_hash`` (SHA-256 of the config without version stamps),
-  ``model_type``, parameter count and dtype;
+  ``model_type``, parameter count, dtype and ``weights``: the SHA-256 of each ``*.safetensors`` file the model was
+  loaded from, or of its state dict for a model that lives in memory
+  (:func:`~.provenance.weights_fingerprint`) - a model and its fine-tuned copy share a config, not their weights;
 * ``policy`` (the full SafeVLM policy dict), ``policy_hash`` and ``profile``;
 * ``decoding``: every ``generate`` setting used (greedy by default), the model's own generation config, batch size,
   padding side;
 * ``seed``;
-* ``judge``: the judge's :meth:`~.judges.Judge.describe` (name, version, model, full prompt template(s), rubrics,
-  settings), and ``refusal_judge`` when refusals came from a second judge;
-* ``benchmarks``: spec, item count and SHA-256 of each input file;
+* ``judge``: the judge's :meth:`~.judges.Judge.describe` (name, version, model with its revision and weights hash,
+  full prompt template(s), rubrics, settings), ``refusal_judge`` when refusals came from a second judge, and
+  ``metric_sources``: which judge produced attack success (a harm judge, or none) and which the refusal rates;
+* ``benchmarks``: spec, how items were chosen (limit / stratified sample and seed), item counts, SHA-256 of each
+  input file, the items skipped for missing images, and for benchmarks whose images this package re-renders
+  (FigStep, MM-SafetyBench TYPO): the mark ``rendered_by: safevlm-hf``, the font file(s) with their SHA-256 and the
+  SHA-256 of every rendered image;
 * ``environment``: Python, platform and package versions;
 * ``metrics`` (overall, per benchmark, per category, per risk type, verdicts) and ``head_metrics`` when computed.
+
+Credentials (``user:password@`` in URLs, ``?api-key=`` values, bearer tokens, key-shaped strings) are redacted
+from every string of the report before it is written (:func:`~.redaction.redact`).
 """
 
 from __future__ import annotations
@@ -27,12 +36,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .benchmarks import BenchmarkItem, parse_benchmark_spec
+from .benchmarks import RENDERED_BY, BenchmarkItem, parse_benchmark_spec
 from .metrics import plot_category_rates, plot_confusion_matrix, plot_reliability
+from .provenance import file_sha256, weights_fingerprint
+from .redaction import redact
 from .runner import EvaluationResult
 
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+#: How many skipped item paths a report lists (the count is always complete).
+SKIPPED_SHOWN = 5
 _PACKAGES = (
     "safevlm-hf",
     "torch",
@@ -65,8 +78,9 @@ def config_hash(config: Any) -> str:
     return _sha256_json(strip(data))
 
 
-def model_info(model: Any) -> dict[str, Any]:
-    """Identity of the evaluated model: where it came from, its class and a hash of its config."""
+def model_info(model: Any, weights: str = "auto") -> dict[str, Any]:
+    """Identity of the evaluated model: where it came from, its class, a hash of its config and of its weights
+    (``weights``: ``"auto"``, ``"files"`` or ``"state_dict"``, see :func:`~.provenance.weights_fingerprint`)."""
     config = getattr(model, "config", None)
     first = next(model.parameters(), None) if hasattr(model, "parameters") else None
     return {
@@ -77,6 +91,7 @@ def model_info(model: Any) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in model.parameters()) if first is not None else None,
         "dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
         "safety_base_model": getattr(config, "safety_base_model", None),
+        "weights": weights_fingerprint(model, weights) if first is not None else None,
     }
 
 
@@ -99,28 +114,57 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def rendering_info(items: Sequence[BenchmarkItem]) -> dict[str, Any] | None:
+    """For items whose images this package rendered: who rendered them, the font file(s) with their SHA-256, and the
+    SHA-256 of every rendered image (``None`` when no image was rendered)."""
+    rendered = [item for item in items if item.metadata.get("rendered") and item.image is not None]
+    if not rendered:
+        return None
+    fonts = sorted({item.metadata["font"] for item in rendered if item.metadata.get("font")})
+    return {
+        "rendered_by": RENDERED_BY,
+        "renderer": "safevlm_hf.evaluation.typography",
+        "styles": sorted({item.metadata.get("render_style", "") for item in rendered} - {""}),
+        "fonts": {font: file_sha256(font) for font in fonts},
+        "n_images": len(rendered),
+        "images": {item.id: {"path": str(item.image), "sha256": file_sha256(item.image)} for item in rendered},
+    }
 
 
-def benchmark_info(spec: str, items: Sequence[BenchmarkItem], limit: int | None = None) -> dict[str, Any]:
-    """What a report records about one benchmark: the spec, item counts and the SHA-256 of its input files."""
+def benchmark_info(
+    spec: str,
+    items: Sequence[BenchmarkItem],
+    limit: int | None = None,
+    *,
+    sample: int | None = None,
+    seed: int | None = None,
+    n_available: int | None = None,
+    skipped_missing_images: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """What a report records about one benchmark: the spec, how the items were chosen, item counts, the SHA-256 of
+    its input files, the items skipped for missing images and, when images were re-rendered here, :func:`rendering_info`.
+    """
     name, path, option = parse_benchmark_spec(spec)
     files = sorted({item.metadata["file"] for item in items if item.metadata.get("file")})
+    skipped = list(skipped_missing_images)
     return {
         "spec": spec,
         "name": name,
         "path": path,
         "option": option,
         "limit": limit,
+        "sample": sample,
+        "seed": seed,
+        "n_available": len(items) if n_available is None else n_available,
         "n_items": len(items),
         "n_risky": sum(1 for item in items if item.is_risky),
         "n_safe": sum(1 for item in items if not item.is_risky),
         "files": {file: file_sha256(file) for file in files},
+        "skipped_missing_images": {
+            "count": len(skipped),
+            "first": [{"id": item_id, "image": image} for item_id, image in skipped[:SKIPPED_SHOWN]],
+        },
+        "rendering": rendering_info(items),
     }
 
 
@@ -132,8 +176,11 @@ def build_report(
     head_metrics: Mapping[str, Any] | None = None,
     command: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    weights: str = "auto",
 ) -> dict[str, Any]:
-    """Assemble the report dict of a run (see the module docstring for the pinned fields)."""
+    """Assemble the report dict of a run (see the module docstring for the pinned fields). ``weights`` chooses how
+    the model's weights are hashed (:func:`~.provenance.weights_fingerprint`): pass ``"state_dict"`` for a model
+    changed in memory since it was loaded."""
     settings = result.settings
     decoding = {
         **settings.get("generation", {}),
@@ -146,7 +193,7 @@ def build_report(
         "schema_version": REPORT_SCHEMA_VERSION,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": list(command) if command is not None else None,
-        "model": model_info(model),
+        "model": model_info(model, weights),
         "safety_gating": settings.get("safety_gating"),
         "profile": settings.get("profile"),
         "policy": policy,
@@ -155,6 +202,7 @@ def build_report(
         "seed": settings.get("seed"),
         "judge": settings.get("judge"),
         "refusal_judge": settings.get("refusal_judge"),
+        "metric_sources": settings.get("metric_sources"),
         "benchmarks": [dict(b) for b in benchmarks],
         "environment": environment_info(),
         "metrics": result.metrics,
@@ -174,17 +222,31 @@ def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-_GENERATION_COLUMNS = (
-    ("items", lambda m: str(m["n_items"])),
-    ("risky", lambda m: str(m["n_risky"])),
-    ("safe", lambda m: str(m["n_safe"])),
-    ("ASR", lambda m: _percent(m["attack_success_rate"])),
-    ("ASR (parsed only)", lambda m: _percent(m["attack_success_rate_parsed"])),
-    ("refusal (risky)", lambda m: _percent(m["refusal_rate_risky"])),
-    ("over-refusal (safe)", lambda m: _percent(m["over_refusal_rate"])),
-    ("unparseable", lambda m: str(m["unparseable"])),
-    ("mean score", lambda m: _number(m["mean_score"], 2)),
-)
+def _generation_columns(sources: Mapping[str, Any], scores: bool = True) -> list[tuple[str, Any]]:
+    """The metric columns of the generation tables, each named for the judge that produced it: attack success only
+    from a harm judge; without one, the refusal judge's non-refusal rate on risky items takes its place."""
+    harm, refusal = sources.get("attack_success"), sources.get("refusal")
+    columns: list[tuple[str, Any]] = [
+        ("items", lambda m: str(m["n_items"])),
+        ("risky", lambda m: str(m["n_risky"])),
+        ("safe", lambda m: str(m["n_safe"])),
+    ]
+    if harm:
+        columns += [
+            (f"attack success [{harm}]", lambda m: _percent(m["attack_success_rate"])),
+            (f"attack success, parsed only [{harm}]", lambda m: _percent(m["attack_success_rate_parsed"])),
+        ]
+    if refusal:
+        if not harm:
+            columns.append((f"non-refusal (risky) [{refusal}]", lambda m: _percent(m.get("non_refusal_rate"))))
+        columns += [
+            (f"refusal (risky) [{refusal}]", lambda m: _percent(m["refusal_rate_risky"])),
+            (f"over-refusal (safe) [{refusal}]", lambda m: _percent(m["over_refusal_rate"])),
+        ]
+    columns.append(("unparseable", lambda m: str(m["unparseable"])))
+    if harm and scores:
+        columns.append((f"mean score [{harm}]", lambda m: _number(m["mean_score"], 2)))
+    return columns
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -193,10 +255,74 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _generation_table(first_column: str, table: Mapping[str, Mapping[str, Any]]) -> str:
-    header = [first_column, *(name for name, _ in _GENERATION_COLUMNS)]
-    rows = [[name, *(fmt(metrics) for _, fmt in _GENERATION_COLUMNS)] for name, metrics in table.items()]
+def _generation_table(
+    first_column: str, table: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str, Any]]
+) -> str:
+    header = [first_column, *(name for name, _ in columns)]
+    rows = [[name, *(fmt(metrics) for _, fmt in columns)] for name, metrics in table.items()]
     return _table(header, rows)
+
+
+def _judge_line(judge: Mapping[str, Any] | None) -> str:
+    """``name vVERSION`` with the model, its revision and a weights hash when the judge is a model."""
+    if not judge:
+        return "none"
+    line = f"`{judge.get('name')}` v{judge.get('version')}"
+    if judge.get("model"):
+        line += f" (model `{judge['model']}`"
+        weights = judge.get("weights") or {}
+        if weights.get("revision"):
+            line += f", revision `{weights['revision']}`"
+        line += f", weights {_weights_text(weights)})" if weights else ")"
+    return line
+
+
+def _refusal_judge_line(report: Mapping[str, Any], sources: Mapping[str, Any]) -> str:
+    if report.get("refusal_judge"):
+        return _judge_line(report["refusal_judge"])
+    return "the judge" if sources.get("refusal") else "none (refusal rates not computed)"
+
+
+def _weights_text(weights: Mapping[str, Any] | None) -> str:
+    if not weights:
+        return "n/a"
+    if weights.get("method") == "safetensors_files":
+        return ", ".join(f"`{name}` sha256 `{digest[:16]}`" for name, digest in weights["files"].items())
+    return f"state dict sha256 `{weights.get('sha256', '')[:16]}`"
+
+
+def _sources_section(report: Mapping[str, Any]) -> list[str]:
+    """Which judge produced every column (the metric_sources of the run)."""
+    sources = report.get("metric_sources") or {}
+    judge, refusal_judge = report.get("judge") or {}, report.get("refusal_judge")
+    harm, refusal = sources.get("attack_success"), sources.get("refusal")
+    refusal_description = refusal_judge if refusal_judge and refusal_judge.get("name") == refusal else judge
+    rows = [
+        [
+            "attack success, unparseable, mean score",
+            f"harm judge {_judge_line(judge)}" if harm else "not computed: the judge does not decide harm",
+        ],
+        [
+            "refusal, non-refusal, over-refusal",
+            f"refusal judge {_judge_line(refusal_description)}"
+            if refusal
+            else "not computed: no refusal judge (pass --refusal-judge, e.g. string or hf-refusal:MODEL)",
+        ],
+    ]
+    lines = [_table(["columns", "measured by"], rows), ""]
+    if not harm:
+        lines += [
+            "The judge detects refusals only, so this report has no attack-success rate: an answer that does not "
+            "refuse is counted as a non-refusal whether it is harmful, harmless or gibberish.",
+            "",
+        ]
+    if refusal and (refusal_description or {}).get("kind") == "rule_based_refusal":
+        lines += [
+            "Refusals come from rule-based string matching; its measured error is in the README (`safevlm "
+            "judge-check --judge string`).",
+            "",
+        ]
+    return lines
 
 
 def _report_table(report: Mapping[str, Any], title: str) -> str:
@@ -212,19 +338,49 @@ def _report_table(report: Mapping[str, Any], title: str) -> str:
     return f"**{title}**: {summary}\n\n" + _table(["label", "precision", "recall", "F1", "support"], rows)
 
 
+def _benchmark_lines(bench: Mapping[str, Any]) -> list[str]:
+    hashes = ", ".join(f"`{Path(f).name}` sha256 `{h[:16]}`" for f, h in bench["files"].items())
+    chosen = ""
+    if bench.get("sample") is not None and bench["n_items"] < bench["n_available"]:
+        chosen = f", stratified sample of {bench['sample']} (seed {bench['seed']}) from {bench['n_available']}"
+    elif bench.get("sample") is not None:
+        chosen = f", all of them (--sample {bench['sample']} >= {bench['n_available']} available)"
+    elif bench.get("limit") is not None:
+        chosen = f", first {bench['limit']} of the file"
+    lines = [f"- **{bench['name']}** `{bench['spec']}`: {bench['n_items']} items{chosen} ({hashes})"]
+    rendering = bench.get("rendering")
+    if rendering:
+        fonts = ", ".join(f"`{Path(f).name}` sha256 `{h[:16]}`" for f, h in rendering["fonts"].items())
+        lines.append(
+            f"  - images **re-rendered by {rendering['rendered_by']}** ({rendering['n_images']} images, "
+            f"style {', '.join(rendering['styles'])}, font {fonts}); each image's sha256 is in report.json. They "
+            "are not the benchmark authors' image files."
+        )
+    skipped = bench.get("skipped_missing_images") or {}
+    if skipped.get("count"):
+        first = ", ".join(f"`{entry['image']}`" for entry in skipped["first"])
+        lines.append(f"  - skipped {skipped['count']} items whose image is missing (first: {first})")
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
-    """The report as Markdown: reproduction settings first, then the metric tables and the plots."""
+    """The report as Markdown: reproduction settings first, then which judge measured what, the metric tables and
+    the plots."""
     model, judge, metrics = report["model"], report["judge"] or {}, report["metrics"]
+    sources = report.get("metric_sources") or {"attack_success": judge.get("name"), "refusal": judge.get("name")}
+    columns = _generation_columns(sources, scores=metrics["overall"].get("mean_score") is not None)
     decoding = {k: v for k, v in report["decoding"].items() if k != "model_generation_config"}
     settings_rows = [
         ["model", f"`{model['name_or_path']}` ({model['class']}, {model['dtype']})"],
+        ["weights", _weights_text(model.get("weights"))],
         ["config hash", f"`{model['config_hash']}`"],
         ["safety gating", str(report["safety_gating"])],
         ["profile", str(report["profile"])],
         ["policy hash", f"`{report['policy_hash']}`" if report["policy_hash"] else "n/a"],
         ["decoding", f"`{json.dumps(decoding)}`"],
         ["seed", str(report["seed"])],
-        ["judge", f"{judge.get('name')} v{judge.get('version')} (model: {judge.get('model')})"],
+        ["judge", _judge_line(judge)],
+        ["refusal judge", _refusal_judge_line(report, sources)],
         ["packages", ", ".join(f"{k} {v}" for k, v in report["environment"]["packages"].items() if v)],
     ]
     if report.get("command"):
@@ -233,17 +389,21 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     out = [f"# Safety evaluation: {model['name_or_path'] or model['class']}", "", "## Reproduction", ""]
     out += [_table(["setting", "value"], settings_rows), ""]
     for bench in report["benchmarks"]:
-        hashes = ", ".join(f"`{Path(f).name}` sha256 `{h[:16]}`" for f, h in bench["files"].items())
-        out.append(f"- **{bench['name']}** `{bench['spec']}`: {bench['n_items']} items ({hashes})")
-    judge_json = json.dumps(judge, indent=2, ensure_ascii=False)
-    out += ["", "<details><summary>Judge description (full prompt)</summary>", "", "```json", judge_json, "```"]
-    out += ["", "</details>", ""]
+        out += _benchmark_lines(bench)
+    for title, described in (("Judge", judge), ("Refusal judge", report.get("refusal_judge"))):
+        if described:
+            text = json.dumps(described, indent=2, ensure_ascii=False)
+            out += ["", f"<details><summary>{title} description (full prompt)</summary>", "", "```json", text, "```"]
+            out += ["", "</details>"]
+    out += [""]
 
-    out += ["## Results", "", _generation_table("benchmark", {"all": metrics["overall"], **metrics["by_source"]})]
-    out += ["", "ASR counts unparseable judgements as unsafe; the parsed-only ASR leaves them out.", ""]
+    out += ["## Results", "", "### Who measured each column", "", *_sources_section(report)]
+    out += [_generation_table("benchmark", {"all": metrics["overall"], **metrics["by_source"]}, columns), ""]
+    if sources.get("attack_success"):
+        out += ["Attack success counts unparseable judgements as unsafe; the parsed-only rate leaves them out.", ""]
     for source, table in metrics["by_category"].items():
-        out += [f"### {source}: per category", "", _generation_table("category", table), ""]
-    out += ["### Per SafeVLM risk type", "", _generation_table("risk type", metrics["by_risk_type"]), ""]
+        out += [f"### {source}: per category", "", _generation_table("category", table, columns), ""]
+    out += ["### Per SafeVLM risk type", "", _generation_table("risk type", metrics["by_risk_type"], columns), ""]
     scores = metrics["overall"].get("mean_score_by_risk_type") or {}
     if scores:
         rows = [[name, _number(value, 2)] for name, value in scores.items()]
@@ -251,16 +411,19 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     verdicts = metrics.get("verdicts")
     if verdicts:
         summary = (
-            f"Refused {_percent(verdicts['refusal_rate_risky'])} of risky items and "
+            f"The safety head refused {_percent(verdicts['refusal_rate_risky'])} of risky items and "
             f"{_percent(verdicts['over_refusal_rate'])} of safe items; actions: {verdicts['actions']}."
         )
-        out += ["### Safety-head verdicts (before generation)", "", summary, ""]
+        out += ["### Safety-head verdicts (before generation, no judge involved)", "", summary, ""]
         if verdicts.get("type_vs_benchmark"):
             out += [_report_table(verdicts["type_vs_benchmark"], "Predicted type vs benchmark risk type"), ""]
     head = report.get("head_metrics")
     if head:
         out += ["## Safety head (labelled data)", "", _report_table(head["type"], "Risk type"), ""]
-        out += [_report_table(head["level"], "Risk level"), "", f"ECE uses {head['ece_bins']} equal-width bins.", ""]
+        out += [_report_table(head["level"], "Risk level"), "", f"ECE uses {head['ece_bins']} equal-width bins."]
+        if head.get("unleveled"):
+            out += [f"{head['unleveled']} items have no gold level and count for the type metrics only."]
+        out += [""]
     if plots:
         out += ["## Plots", "", *(f"![{Path(p).stem}]({p})" for p in plots), ""]
     return "\n".join(out)
@@ -280,13 +443,26 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     plot_files: list[str] = []
+    report = redact(dict(report))  # no credential reaches a file, whatever field it hid in
     if plots:
         metrics = report["metrics"]
+        sources = report.get("metric_sources") or {"attack_success": "judge", "refusal": "judge"}
+        shown = [
+            name
+            for name, source in (
+                ("attack_success_rate", "attack_success"),
+                ("refusal_rate_risky", "refusal"),
+                ("over_refusal_rate", "refusal"),
+            )
+            if sources.get(source)
+        ]
         for source, table in metrics["by_category"].items():
-            path = plot_category_rates(table, out / f"rates_{source}.png", title=f"{source}: rates per category")
+            path = plot_category_rates(
+                table, out / f"rates_{source}.png", metrics=shown, title=f"{source}: rates per category"
+            )
             plot_files.append(path.name)
         path = plot_category_rates(
-            metrics["by_risk_type"], out / "rates_by_risk_type.png", title="Rates per risk type"
+            metrics["by_risk_type"], out / "rates_by_risk_type.png", metrics=shown, title="Rates per risk type"
         )
         plot_files.append(path.name)
         verdicts = metrics.get("verdicts")
@@ -330,6 +506,7 @@ def write_report(
 
 __all__ = [
     "REPORT_SCHEMA_VERSION",
+    "rendering_info",
     "benchmark_info",
     "build_report",
     "config_hash",

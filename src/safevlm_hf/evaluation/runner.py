@@ -17,7 +17,7 @@ import torch
 from transformers import set_seed
 
 from .benchmarks import BenchmarkItem, LabelledItem, open_image
-from .judges import Judge, JudgeInput, StringMatchJudge
+from .judges import HARM, REFUSAL, Judge, JudgeInput
 from .metrics import ECE_BINS, generation_metrics, grouped_generation_metrics, head_metrics, verdict_metrics
 
 
@@ -37,11 +37,13 @@ class EvaluationResult:
     Attributes:
         records: one dict per item: ``id``, ``source``, ``category``, ``risk_type``, ``expected``, ``prompt``,
             ``image``, ``response``, ``verdict`` (the SafeVLM verdict dict, ``None`` for plain LLaVA),
-            ``judgement`` (dict), ``refused`` (final refusal decision) and ``refusal_source`` (``"judge"`` or
-            ``"string_match"``, when the judge does not tell refusals).
+            ``judgement`` (the judge's judgement, dict), ``harm_judge`` (the judge's name when it decides harm, else
+            ``None``: attack success is computed only from such records), ``refused`` (the refusal decision, ``None``
+            when no refusal judge ran or it could not tell), ``refusal_source`` (the name of the judge that decided
+            refusal, or ``None``) and ``refusal_judgement`` (dict, when a separate refusal judge ran).
         metrics: ``overall``, ``by_source``, ``by_category`` (per source), ``by_risk_type`` and ``verdicts``.
         settings: everything needed to reproduce the run: generation settings, batch size, seed, profile, policy,
-            judge description(s).
+            judge description(s), and ``metric_sources`` (which judge produced attack success and which refusals).
     """
 
     records: list[dict[str, Any]]
@@ -129,12 +131,14 @@ def evaluate(
             ``generate``-capable model (no verdicts).
         processor: its processor (chat template, tokenizer, image processor).
         items: benchmark items (:func:`~.benchmarks.load_benchmark`).
-        judge: decides unsafe/refused per answer (:func:`~.judges.build_judge`).
+        judge: judges every answer (:func:`~.judges.build_judge`). Attack success is computed only when it decides
+            harm (:attr:`~.judges.Judge.decides`); a refusal-only judge (the string judge) gives the non-refusal rate.
         profile / policy: SafeVLM safety profile and policy override (for a model without a safety head they
             raise :class:`EvaluationInputError`).
         max_new_tokens, batch_size, seed: decoding length, batch size and the seed set before generating.
-        refusal_judge: decides refusal where ``judge`` does not (``refused is None``, e.g. guard models);
-            defaults to :class:`~.judges.StringMatchJudge`.
+        refusal_judge: decides refusal for every answer (it must decide refusal). Without it, refusals come from
+            ``judge`` when it decides them, and are unknown otherwise (a harm-only judge such as Llama Guard leaves the
+            refusal and over-refusal rates empty rather than borrow them silently from string matching).
         progress: show a tqdm progress bar.
         **generation_kwargs: passed to ``model.generate`` over :data:`DEFAULT_GENERATION_KWARGS` (greedy).
     """
@@ -161,7 +165,11 @@ def evaluate(
         resolved.profile_info(profile)  # unknown profile: error listing the known ones, before any generation
         policy_dict = resolved.to_dict()
         gen_kwargs.update(safety_profile=profile, safety_policy=resolved)
-    refusal_judge = refusal_judge or StringMatchJudge()
+    if refusal_judge is not None and REFUSAL not in refusal_judge.decides:
+        raise EvaluationInputError(
+            f"The refusal judge {refusal_judge.name!r} does not decide refusal (it decides "
+            f"{sorted(refusal_judge.decides)}); pass a refusal judge such as 'string' or 'hf-refusal:MODEL'."
+        )
 
     set_seed(seed)
     model.eval()
@@ -187,20 +195,20 @@ def evaluate(
         bar.close()
 
     inputs = [
-        JudgeInput(prompt=item.prompt, response=response, category=item.risk_type or item.category)
+        JudgeInput(prompt=item.prompt, response=response, category=item.risk_type or item.category, image=item.image)
         for item, response in zip(items, responses)
     ]
-    judgements = judge.judge(inputs)
-    if len(judgements) != len(inputs):
-        raise RuntimeError(f"Judge {judge.name!r} returned {len(judgements)} judgements for {len(inputs)} answers.")
-    missing_refusal = [i for i, j in enumerate(judgements) if j.refused is None]
-    fallback = dict(zip(missing_refusal, refusal_judge.judge([inputs[i] for i in missing_refusal])))
+    judgements = _run_judge(judge, inputs)
+    harm_judge = judge.name if HARM in judge.decides else None
+    refusal_judgements, refusal_source = None, None
+    if refusal_judge is not None and refusal_judge is not judge:
+        refusal_judgements, refusal_source = _run_judge(refusal_judge, inputs), refusal_judge.name
+    elif REFUSAL in judge.decides:
+        refusal_judgements, refusal_source = judgements, judge.name
 
     records = []
     for index, (item, response, verdict, judgement) in enumerate(zip(items, responses, verdicts, judgements)):
-        refused, source = judgement.refused, "judge"
-        if refused is None:
-            refused, source = fallback[index].refused, refusal_judge.name
+        refused = refusal_judgements[index].refused if refusal_judgements is not None else None
         records.append(
             {
                 "id": item.id,
@@ -213,8 +221,14 @@ def evaluate(
                 "response": response,
                 "verdict": verdict,
                 "judgement": judgement.to_dict(),
+                "harm_judge": harm_judge,
                 "refused": refused,
-                "refusal_source": source,
+                "refusal_source": refusal_source,
+                "refusal_judgement": (
+                    refusal_judgements[index].to_dict()
+                    if refusal_judgements is not None and refusal_judgements is not judgements
+                    else None
+                ),
             }
         )
     metrics = compute_metrics(records, model.config.safety_types if safevlm else None)
@@ -228,9 +242,19 @@ def evaluate(
         "profile": profile,
         "policy": policy_dict,
         "judge": judge.describe(),
-        "refusal_judge": refusal_judge.describe() if missing_refusal else None,
+        "refusal_judge": refusal_judge.describe()
+        if refusal_judge is not None and refusal_judge is not judge
+        else None,
+        "metric_sources": {"attack_success": harm_judge, "refusal": refusal_source},
     }
     return EvaluationResult(records=records, metrics=metrics, settings=settings)
+
+
+def _run_judge(judge: Judge, inputs: list[JudgeInput]) -> list[Any]:
+    judgements = judge.judge(inputs)
+    if len(judgements) != len(inputs):
+        raise RuntimeError(f"Judge {judge.name!r} returned {len(judgements)} judgements for {len(inputs)} answers.")
+    return judgements
 
 
 def compute_metrics(records: Sequence[Mapping[str, Any]], safety_types: Sequence[str] | None = None) -> dict[str, Any]:
@@ -250,21 +274,25 @@ def compute_metrics(records: Sequence[Mapping[str, Any]], safety_types: Sequence
     }
 
 
-def _labelled_fields(item: Any, index: int) -> tuple[str, Any, int | None, int, str]:
+def _labelled_fields(item: Any, index: int) -> tuple[str, Any, int | str | None, int | None, str]:
     """(prompt, image, safe_type, safe_level, id) of a :class:`LabelledItem`, a dict with those keys, or a training
-    example from :mod:`safevlm_hf.data` (``messages`` + labels; the prompt is its first user turn)."""
+    example from :mod:`safevlm_hf.data` (``messages`` + labels; the prompt is its first user turn). The type may be an
+    index or a type name; the level may be ``None`` (unknown) only when the item says so explicitly."""
     get = item.get if isinstance(item, Mapping) else lambda key, default=None: getattr(item, key, default)
     prompt = get("prompt")
     if prompt is None and get("messages"):
         prompt = next((m["content"] for m in get("messages") if m.get("role") == "user"), None)
     safe_type, safe_level = get("safe_type"), get("safe_level")
-    if prompt is None or safe_level is None:
+    level_known = safe_level is not None or isinstance(item, LabelledItem)  # LabelledItem(safe_level=None): unknown
+    if prompt is None or not level_known:
         raise EvaluationInputError(
             f"Labelled item {index} ({get('location') or get('id') or type(item).__name__}) needs a prompt (or user "
             f"message) and safe_level; got prompt={prompt!r}, safe_level={safe_level!r}."
         )
-    safe_type = None if safe_type is None else int(safe_type)  # training rows may leave the type unknown: skipped
-    return prompt, get("image"), safe_type, int(safe_level), str(get("id") or get("location") or index)
+    if safe_type is not None and not isinstance(safe_type, str):
+        safe_type = int(safe_type)  # training rows may leave the type unknown (None): skipped
+    level = None if safe_level is None else int(safe_level)
+    return prompt, get("image"), safe_type, level, str(get("id") or get("location") or index)
 
 
 def evaluate_head(
@@ -276,13 +304,14 @@ def evaluate_head(
     n_bins: int = ECE_BINS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Safety-head metrics on labelled prompts (``prompt``, ``image``, ``safe_type`` int, ``safe_level`` int; as
-    :class:`~.benchmarks.LabelledItem`, dicts, or :class:`safevlm_hf.data.SafetyExample`) through
+    """Safety-head metrics on labelled prompts (``prompt``, ``image``, ``safe_type`` index or name, ``safe_level``
+    int; as :class:`~.benchmarks.LabelledItem`, dicts, or :class:`safevlm_hf.data.SafetyExample`) through
     ``model.predict_safety`` - no LLM forward.
 
     Returns :func:`~.metrics.head_metrics` (type accuracy, macro-F1, per-type P/R/F1, level confusion matrix, mean
-    absolute level error, ECE) plus ``predictions`` (per item: id, gold and predicted type/level, probabilities) and
-    ``skipped_untyped`` (items whose ``safe_type`` is ``None``, which cannot be scored and are left out).
+    absolute level error, ECE) plus ``predictions`` (per item: id, gold and predicted type/level, probabilities),
+    ``skipped_untyped`` (items whose ``safe_type`` is ``None``, which cannot be scored and are left out) and
+    ``unleveled`` (items scored for their type only, because their source gives no level).
     """
     from tqdm.auto import tqdm
 
@@ -294,8 +323,15 @@ def evaluate_head(
     if not rows:
         raise EvaluationInputError(f"evaluate_head() got no labelled items with a known type ({untyped} untyped).")
     type_names, level_names = list(model.config.safety_types), list(model.config.safety_levels)
-    for prompt, _, safe_type, safe_level, item_id in rows:
-        if not 0 <= safe_type < len(type_names) or not 0 <= safe_level < len(level_names):
+    for position, (prompt, image, safe_type, safe_level, item_id) in enumerate(rows):
+        if isinstance(safe_type, str):
+            if safe_type not in type_names:
+                raise EvaluationInputError(
+                    f"Labelled item {item_id!r}: type {safe_type!r} is not one of the model's types {type_names}."
+                )
+            safe_type = type_names.index(safe_type)
+            rows[position] = (prompt, image, safe_type, safe_level, item_id)
+        if not 0 <= safe_type < len(type_names) or not (safe_level is None or 0 <= safe_level < len(level_names)):
             raise EvaluationInputError(
                 f"Labelled item {item_id!r}: safe_type {safe_type} / safe_level {safe_level} outside the model's "
                 f"label space (0..{len(type_names) - 1} types {type_names}, 0..{len(level_names) - 1} levels)."
@@ -315,9 +351,11 @@ def evaluate_head(
         bar.close()
     type_array, level_array = np.concatenate(type_probs), np.concatenate(level_probs)
     gold_types = [row[2] for row in rows]
-    gold_levels = [row[3] for row in rows]
-    metrics = head_metrics(type_array, gold_types, level_array, gold_levels, type_names, level_names, n_bins)
+    leveled = [i for i, row in enumerate(rows) if row[3] is not None]
+    gold_levels = [rows[i][3] for i in leveled]
+    metrics = head_metrics(type_array, gold_types, level_array[leveled], gold_levels, type_names, level_names, n_bins)
     metrics["skipped_untyped"] = untyped
+    metrics["unleveled"] = len(rows) - len(leveled)
     metrics["predictions"] = [
         {
             "id": row[4],

@@ -137,6 +137,17 @@ def render_key_phrase_image(
     return image
 
 
+#: Typography style -> the fonts it is rendered with (first found wins, see :func:`find_font`).
+STYLE_FONTS: dict[str, tuple[str, ...]] = {"figstep": FIGSTEP_FONT_FILES, "key_phrase": KEY_PHRASE_FONT_FILES}
+
+
+def style_font(style: str, font_path: str | os.PathLike | None = None) -> str:
+    """The font file ``style`` is rendered with: ``font_path`` if given, else the first of its fonts found."""
+    if style not in STYLE_FONTS:
+        raise ValueError(f"Unknown typography style {style!r}; use one of {sorted(STYLE_FONTS)}.")
+    return find_font(STYLE_FONTS[style], font_path)
+
+
 def default_render_dir() -> Path:
     """Folder for rendered images when none is given.
 
@@ -154,14 +165,9 @@ def render_to_file(
     The file name is a hash of the style, text and font file, so a second call (or a rerun of an evaluation) reuses
     the file; keeping paths instead of images keeps a 500-item benchmark out of memory.
     """
-    renderers = {
-        "figstep": (render_figstep_image, FIGSTEP_FONT_FILES),
-        "key_phrase": (render_key_phrase_image, KEY_PHRASE_FONT_FILES),
-    }
-    if style not in renderers:
-        raise ValueError(f"Unknown typography style {style!r}; use one of {sorted(renderers)}.")
-    render, fonts = renderers[style]
-    font_file = find_font(fonts, font_path)
+    renderers = {"figstep": render_figstep_image, "key_phrase": render_key_phrase_image}
+    font_file = style_font(style, font_path)
+    render = renderers[style]
     digest = hashlib.sha256(f"{style}\0{font_file}\0{text}".encode("utf-8")).hexdigest()[:20]
     folder = Path(render_dir) if render_dir is not None else default_render_dir()
     path = folder / f"{style}_{digest}.png"
@@ -174,9 +180,11 @@ def render_to_file(
 
 
 __all__ = [
+    "STYLE_FONTS",
     "default_render_dir",
     "find_font",
     "render_figstep_image",
     "render_key_phrase_image",
     "render_to_file",
+    "style_font",
 ]
