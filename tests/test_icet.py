@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import make_image
@@ -13,8 +14,9 @@ from PIL import Image
 
 from safevlm_hf.evaluation.benchmarks import BenchmarkItem
 from safevlm_hf.evaluation.judges import Judgement, StringMatchJudge
+from safevlm_hf.evaluation.metrics import generation_metrics
 from safevlm_hf.layerwise import PromptItem, comparison_table, icet_scan, layer_group, load_icet_report, resolve_layers
-from safevlm_hf.layerwise.icet import IcetReport, _layer_result
+from safevlm_hf.layerwise.icet import IcetLayerResult, IcetReport, _layer_result, layer_groups
 from safevlm_hf.layerwise.prompts import chat_text
 
 
@@ -147,27 +149,104 @@ def test_safevlm_gating_holds_at_every_layer_and_the_ungated_scan_shows_the_llm_
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-def test_layer_metrics_match_hand_counts():
+def test_layer_metrics_match_hand_counts_and_count_unparseable_answers_as_attacks_like_eval():
     items = [PromptItem(f"risky {i}", None, "c1" if i < 2 else "c2", "refuse") for i in range(4)]
     items += [PromptItem(f"safe {i}", None, "benign", "answer") for i in range(2)]
     judgements = [
         Judgement(unsafe=True, refused=False),
         Judgement(unsafe=True, refused=False),
         Judgement(unsafe=False, refused=True),
-        Judgement(unsafe=None, refused=None, parsed=False),  # unparsed: out of the rates, counted apart
+        Judgement(unsafe=None, refused=None, parsed=False),  # unparsed: never safe, an attack as in `safevlm eval`
         Judgement(unsafe=False, refused=True),  # a safe prompt refused (over-refusal)
         Judgement(unsafe=False, refused=False),
     ]
     result = _layer_result(2, 24, items, judgements, rewards=[1.0, 0.0, 2.0, 3.0, 0.0, 0.0])
     assert result.group == "early"
-    assert result.attack_success_rate == pytest.approx(2 / 3)
+    assert result.attack_success_rate == pytest.approx(3 / 4)  # 2 unsafe + 1 unparseable, over all 4 risky prompts
+    assert result.attack_success_rate_parsed == pytest.approx(2 / 3)
     assert result.refusal_rate == pytest.approx(1 / 3)
     assert result.safe_answer_rate == pytest.approx(0.5)
-    assert result.unparsed == 1
+    assert result.unparsed == 1 and result.unparsed_risky == 1
     assert result.mean_reward == pytest.approx(1.0)
-    assert result.per_category["c1"] == {"n": 2, "attack_success_rate": 1.0, "refusal_rate": 0.0}
-    assert result.per_category["c2"]["attack_success_rate"] == pytest.approx(0.0)
+    assert result.per_category["c1"] == {"n": 2, "attack_success_rate": 1.0, "refusal_rate": 0.0, "unparsed": 0}
+    assert result.per_category["c2"] == {"n": 2, "attack_success_rate": 0.5, "refusal_rate": 1.0, "unparsed": 1}
     assert "benign" not in result.per_category  # categories are reported over risky prompts
+
+    # The same judged rows through `safevlm eval`'s metrics give the same attack success rate.
+    eval_records = [
+        {"expected": item.expected, "judgement": judgement, "refused": judgement.refused}
+        for item, judgement in zip(items, judgements)
+    ]
+    assert generation_metrics(eval_records)["attack_success_rate"] == result.attack_success_rate
+
+
+def test_group_tables_show_the_unparseable_count_per_layer_and_per_group():
+    items = [PromptItem("risky", None, "c", "refuse"), PromptItem("risky 2", None, "c", "refuse")]
+    unparsed = Judgement(unsafe=None, refused=None, parsed=False)
+    judged = Judgement(unsafe=False, refused=True)
+    layers = [
+        _layer_result(layer, 4, items, [unparsed, judged] if layer in (1, 2) else [judged, judged], None)
+        for layer in (1, 2, 3, 4)
+    ]
+    report = IcetReport("m", 4, 3, None, {"name": "string_match"}, {}, layers)
+    groups = report.group_averages()
+    assert groups["early"]["unparsed"] == 2 and groups["early"]["attack_success_rate"] == pytest.approx(0.5)
+    assert groups["middle"]["unparsed"] == 0 and groups["late"]["unparsed"] == 0
+    markdown = report.to_markdown()
+    assert "| 1 | early | 2 | 50.0% | 0.0% | 100.0% | - | 1 | - |" in markdown  # per layer: Unparsed column
+    assert "| early | 1-2 | 50.0% | 0.0% | 100.0% | - | 2 | - |" in markdown  # per group: summed
+    assert "Unparsed" in comparison_table(report, report).splitlines()[0]
+
+
+def synthetic_report(depth: int, reward: bool = True) -> IcetReport:
+    layers = [
+        IcetLayerResult(
+            layer,
+            layer_group(layer, depth),
+            4,
+            layer / depth,
+            1 - layer / depth,
+            0.5,
+            layer % 2,
+            0.1 if reward else None,
+        )
+        for layer in range(1, depth + 1)
+    ]
+    return IcetReport("/models/tiny", depth, depth - 1, None, {"name": "string_match"}, {}, layers)
+
+
+@pytest.mark.parametrize("depth", [4, 24, 26, 32])
+def test_plot_shades_exactly_the_table_groups(depth):
+    report = synthetic_report(depth)
+    figure = report.figure()
+    ax = figure.axes[0]
+    bands = [(patch.get_x(), patch.get_x() + patch.get_width()) for patch in ax.patches]
+    groups = layer_groups(depth)
+    assert bands == [(members[0] - 0.5, members[-1] + 0.5) for members in groups.values()]
+    labels = {text.get_text(): text.get_position()[0] for text in ax.texts}
+    assert list(labels) == list(groups)
+    for result in report.layers:  # every layer lies in the band labelled with its table group
+        start, end = bands[list(groups).index(result.group)]
+        assert start < result.layer < end
+        assert abs(labels[result.group] - (start + end) / 2) < 1e-9
+    assert {g: v["layers"] for g, v in report.group_averages().items()} == groups
+    plt.close(figure)
+
+
+def test_group_labels_and_legend_do_not_overlap():
+    report = synthetic_report(24)
+    figure = report.figure()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend = figure.legends[0].get_window_extent(renderer)
+    frame = figure.bbox
+    for text in figure.axes[0].texts:
+        box = text.get_window_extent(renderer)
+        assert not box.overlaps(legend), f"the {text.get_text()!r} label is under the legend"
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1  # inside the figure
+    for ax in figure.axes:  # the legend is outside every data area
+        assert not ax.get_window_extent(renderer).overlaps(legend)
+    plt.close(figure)
 
 
 def test_report_files_group_averages_and_round_trip(tiny_llava_pair, tmp_path):
