@@ -17,6 +17,7 @@ from safevlm_hf.evaluation.judges import Judgement, StringMatchJudge
 from safevlm_hf.evaluation.metrics import generation_metrics
 from safevlm_hf.layerwise import PromptItem, comparison_table, icet_scan, layer_group, load_icet_report, resolve_layers
 from safevlm_hf.layerwise.icet import IcetLayerResult, IcetReport, _layer_result, layer_groups
+from safevlm_hf.layerwise.icet_grid import IcetGrid
 from safevlm_hf.layerwise.prompts import chat_text
 
 
@@ -322,3 +323,45 @@ def test_bad_input_is_a_clear_error(tiny_llava_pair):
     multi_layer.config.vision_feature_layer = [-2, -1]
     with pytest.raises(ValueError, match="2 concatenated vision layers"):
         icet_scan(multi_layer, processor, items, "string")
+
+
+# ------------------------------------------------------------------------------------------------------ the grid
+def test_grid_tables_cells_and_plot_rows_use_the_one_grouping():
+    rows = [("a", synthetic_report(4)), ("b", synthetic_report(6)), ("c", synthetic_report(6, reward=False))]
+    grid = IcetGrid(rows)
+    early_a = (rows[0][1].result(1).attack_success_rate + rows[0][1].result(2).attack_success_rate) / 2
+    assert grid.cell(rows[0][1], "attack_success_rate", "early") == pytest.approx(early_a)
+    assert grid.cell(rows[0][1], "unparsed", "early") == 1  # layers 1 and 2 have 1 and 0 unparseable answers
+    assert grid.cell(rows[1][1], "attack_success_rate", "default") == rows[1][1].result(5).attack_success_rate
+    markdown = grid.to_markdown()
+    assert (
+        "| a | ? | n/a | 4 | 1-2 | 3 | 4 | 3 |" in markdown and "| b | ? | n/a | 6 | 1-2 | 3-4 | 5-6 | 5 |" in markdown
+    )
+    assert "| c | - | - | - | - |" in markdown.split("## Mean reward")[1]  # no reward: dashes, not zeros
+
+    figure = grid.figure()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert len(figure.axes) == 2 * 4  # a row per depth (4, 6) x ASR, refusal, answered, reward
+    legend = figure.legends[0].get_window_extent(renderer)
+    for index, ax in enumerate(figure.axes):
+        depth = (4, 6)[index // 4]
+        bands = [(patch.get_x(), patch.get_x() + patch.get_width()) for patch in ax.patches]
+        assert bands == [(m[0] - 0.5, m[-1] + 0.5) for m in layer_groups(depth).values()]
+        assert not ax.get_window_extent(renderer).overlaps(legend)
+        assert all(not text.get_window_extent(renderer).overlaps(legend) for text in ax.texts)
+    plt.close(figure)
+
+
+def test_grid_refuses_rows_it_cannot_compare():
+    report = synthetic_report(4)
+    with pytest.raises(ValueError, match=r"unique; \['a'\]"):
+        IcetGrid([("a", report), ("a", report)])
+    other_judge = copy.deepcopy(report)
+    other_judge.judge = {"name": "hf:some/judge"}
+    with pytest.raises(ValueError, match="share one judge"):
+        IcetGrid([("a", report), ("b", other_judge)])
+    fewer_prompts = copy.deepcopy(report)
+    fewer_prompts.layers[0].num_prompts = 3
+    with pytest.raises(ValueError, match="same prompts"):
+        IcetGrid([("a", report), ("b", fewer_prompts)])

@@ -18,6 +18,7 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForSequenceClassification,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -375,6 +376,25 @@ def build_tiny_mllama(spec: TinyMllamaSpec | None = None) -> tuple[MllamaForCond
     return model, processor
 
 
+def build_tiny_reward_model(
+    tokenizer: PreTrainedTokenizerFast, num_labels: int = 1, seed: int = 0
+) -> LlamaForSequenceClassification:
+    """A randomly initialized tiny sequence-classification model over `tokenizer` (`num_labels=1`: a scalar reward
+    model for `HFRewardModel` / `--reward-model hf:PATH`); its scores are noise, for exercising code paths only."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config).eval()
+
+
 def build_tiny_safevlm(spec: TinyLlavaSpec | None = None, num_safety_tokens: int = 4, **safety_overrides):
     """A tiny SafeVLM converted from a tiny LLaVA (safety modules freshly initialized) and its `SafeVLMProcessor`."""
     from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration
@@ -398,6 +418,7 @@ __all__ = [
     "build_tiny_llava_processor",
     "build_tiny_mllama",
     "build_tiny_mllama_tokenizer",
+    "build_tiny_reward_model",
     "build_tiny_safevlm",
     "build_tiny_tokenizer",
 ]
