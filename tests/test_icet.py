@@ -315,7 +315,7 @@ def test_bad_input_is_a_clear_error(tiny_llava_pair):
         icet_scan(model, processor, [], "string")
     with pytest.raises(ValueError, match=r"Vision layer 7 is outside the vision encoder.*1\.\.4"):
         icet_scan(model, processor, items, "string", layers=[1, 7])
-    with pytest.raises(ValueError, match="plain LLaVA-style model"):
+    with pytest.raises(ValueError, match="plain model without SafeVLM"):
         icet_scan(model, processor, items, "string", gating=True)
     with pytest.raises(TypeError, match="no text `prompt`"):
         icet_scan(model, processor, [object()], "string")

@@ -107,7 +107,12 @@ def _register_lppo(subparsers: Any) -> None:
             "(vision encoder and projectors frozen). Writes checkpoints, lppo_log.jsonl and OUT/final (merged model)."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="Checkpoint folder or Hub id (LLaVA/SafeVLM).")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="Checkpoint folder or Hub id (LLaVA-1.5, LLaVA-NeXT, SafeVLM, Llama 3.2 Vision).",
+    )
     _add_prompt_source(parser, "JSONL training prompts (prompt, image, category, expected per line).")
     layers = parser.add_mutually_exclusive_group(required=True)
     layers.add_argument("--layer", type=int, help="The target vision layer (one layer per run, as published).")

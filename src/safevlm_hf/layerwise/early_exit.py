@@ -25,9 +25,9 @@ Families:
   unchanged. SafeVLM: only the LLM path moves; its safety branch keeps reading `config.safety_feature_layer`.
 * **Llama 3.2 Vision** (`mllama`): the LLM reads image states through its cross-attention layers. The vision model
   runs a local encoder per tile (32 blocks in the 11B model), then gated global blocks across the tiles (8), and its
-  output concatenates, on the feature axis, the final global hidden state with the hidden states after some local
-  blocks (`vision_config.intermediate_layers_indices`; 0-based, so `[3, 7, 15, 23, 30]` are layers 4, 8, 16, 24, 31):
-  1280 x (1 + 5) = 7680 features, which `multi_modal_projector` maps to the `cross_attention_states` every
+  output concatenates, on the feature axis, the final global hidden state (the first 1280 features) with the hidden
+  states after some local blocks (`vision_config.intermediate_layers_indices`, 0-based: `[3, 7, 15, 23, 30]` are
+  layers 4, 8, 16, 24, 31; their features interleaved): 1280 x (1 + 5) = 7680 features, which `multi_modal_projector` maps to the `cross_attention_states` every
   cross-attention layer reads. The early exit at layer `l` puts the hidden state of vision layer `l` in the slot of the
   final hidden state and applies the same projection; the intermediate-layer features keep their place, since they
   are part of the projector's fixed input, as the final state is. Layers are numbered through both encoders

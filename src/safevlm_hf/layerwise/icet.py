@@ -94,8 +94,8 @@ def resolve_gating(model: Any, gating: bool | None) -> bool | None:
         return True if gating is None else bool(gating)
     if gating:
         raise ValueError(
-            f"gating=True was asked for, but {type(model).__name__} is a plain LLaVA-style model without SafeVLM's "
-            "safety gating; leave gating unset for plain models."
+            f"gating=True was asked for, but {type(model).__name__} is a plain model without SafeVLM's safety "
+            "gating; leave gating unset for plain models."
         )
     return None
 
