@@ -217,3 +217,16 @@ def test_icet_scan_on_each_family_reports_its_type_depth_and_default(family_pair
     assert report.model_type == model.config.model_type
     assert (report.num_layers, report.default_layer) == (exit_.num_layers, exit_.default_layer)
     assert [r.layer for r in report.layers] == list(range(1, exit_.num_layers + 1))
+
+
+def test_icet_answers_a_text_only_prompt_on_mllama_as_it_would_alone(tiny_mllama_pair):
+    # transformers' mllama lets a text-only row of a batch with images attend to a zero-padded image; ICET batches
+    # rows with and without an image apart, so a text-only prompt's answer does not depend on its batch mates.
+    model, processor = tiny_mllama_pair
+    items = wide_tall_and_text_items()
+    settings = dict(layers=[1, 6], max_new_tokens=4, batch_size=8, show_progress=False)
+    together = icet_scan(model, processor, items, "string", **settings)
+    alone = icet_scan(model, processor, [items[1]], "string", **settings)
+    text_only = [r["response"] for r in together.records if r["prompt"] == items[1].prompt]
+    assert text_only == [r["response"] for r in alone.records]
+    assert [r["prompt"] for r in together.records[:3]] == [item.prompt for item in items]  # item order kept

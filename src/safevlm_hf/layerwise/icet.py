@@ -486,23 +486,30 @@ def icet_scan(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    # Encode once; every layer reuses the same inputs (only the early exit changes between layers).
-    batches = [
-        (items[start : start + batch_size], encode_items(processor, items[start : start + batch_size], device))
-        for start in range(0, len(items), batch_size)
-    ]
+    # Rows with and without an image are batched apart: in transformers' Llama 3.2 Vision (mllama) a text-only row of
+    # a batch with images attends to a zero-padded image (the cross-attention output of fully masked rows is not
+    # masked out), so its answer would depend on its batch mates and on the exit layer. Item order is kept in reports.
+    has_image = [getattr(item, "image", None) is not None for item in items]
+    batches = []
+    for kind in (False, True):
+        rows = [index for index, flag in enumerate(has_image) if flag is kind]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            # Encoded once; every layer reuses the same inputs (only the early exit changes between layers).
+            batches.append((chunk, encode_items(processor, [items[index] for index in chunk], device)))
     results: list[IcetLayerResult] = []
     records: list[dict[str, Any]] = []
     progress = tqdm(total=len(scan_layers) * len(batches), desc="ICET scan", disable=not show_progress)
     try:
         for layer in scan_layers:
             set_seed(seed)
-            responses: list[str] = []
-            for _, inputs in batches:
+            responses: list[str] = [""] * len(items)
+            for rows, inputs in batches:
                 tokens = generate_at_layer(
                     model, processor, inputs, layer, max_new_tokens=max_new_tokens, gating=safety_gating, **decoding
                 )
-                responses.extend(decode_responses(processor, tokens))
+                for index, response in zip(rows, decode_responses(processor, tokens)):
+                    responses[index] = response
                 progress.update(1)
             prompts = [item.prompt for item in items]
             judgements = judge.judge(judge_inputs(prompts, responses, items))
