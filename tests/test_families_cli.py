@@ -198,3 +198,21 @@ def test_bad_model_lists_exit_2_before_anything_is_written(saved, prompt_file, t
     listing.write_text(f"ok={saved['llava']}\nbad name={saved['mllama']}\n")
     assert f"{listing}:2" in run("--models", str(listing))
     assert "no safety gating" in run("--model", str(saved["mllama"]), "--compare-gating")
+
+
+def test_the_readme_grid_inputs_script_writes_loadable_checkpoints_and_prompts(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "icet_grid_inputs.py"
+    spec = importlib.util.spec_from_file_location("icet_grid_inputs", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    config = example.ExperimentConfig(sft_steps=1, sft_batch_size=2, compliant_batch_size=2, train_images=[0])
+    example.write_inputs(tmp_path, config)
+    types = {name: AutoConfig.from_pretrained(tmp_path / name).model_type for name in example.CHECKPOINTS}
+    assert types == {"llava15-aligned": "llava", "llava-next": "llava_next", "llama32-vision": "mllama"}
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 * len(config.eval_images) and all((tmp_path / row["image"]).is_file() for row in rows)
