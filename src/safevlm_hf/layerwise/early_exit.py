@@ -27,14 +27,14 @@ Families:
   runs a local encoder per tile (32 blocks in the 11B model), then gated global blocks across the tiles (8), and its
   output concatenates, on the feature axis, the final global hidden state (the first 1280 features) with the hidden
   states after some local blocks (`vision_config.intermediate_layers_indices`, 0-based: `[3, 7, 15, 23, 30]` are
-  layers 4, 8, 16, 24, 31; their features interleaved): 1280 x (1 + 5) = 7680 features, which `multi_modal_projector` maps to the `cross_attention_states` every
-  cross-attention layer reads. The early exit at layer `l` puts the hidden state of vision layer `l` in the slot of the
-  final hidden state and applies the same projection; the intermediate-layer features keep their place, since they
-  are part of the projector's fixed input, as the final state is. Layers are numbered through both encoders
-  (N = 32 + 8 = 40 for the 11B model: 1..32 local blocks, 33..40 global blocks); like the intermediate features, a
-  layer's state is taken as the block emits it (no extra normalization); layer N is the model's own output, so the
-  default path is unchanged. Only `cross_attention_states` changes: the text inputs and the cross-attention mask stay
-  the same.
+  layers 4, 8, 16, 24, 31; their features interleaved): 1280 x (1 + 5) = 7680 features, which
+  `multi_modal_projector` maps to the `cross_attention_states` every cross-attention layer reads. The early exit at
+  layer `l` puts the hidden state of vision layer `l` in the slot of the final hidden state and applies the same
+  projection; the intermediate-layer features keep their place, since they are part of the projector's fixed input,
+  as the final state is. Layers are numbered through both encoders (N = 32 + 8 = 40 for the 11B model: 1..32 local
+  blocks, 33..40 global blocks); like the intermediate features, a layer's state is taken as the block emits it (no
+  extra normalization); layer N is the model's own output, so the default path is unchanged. Only
+  `cross_attention_states` changes: the text inputs and the cross-attention mask stay the same.
 """
 
 from __future__ import annotations
