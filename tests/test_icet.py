@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import make_image
@@ -13,8 +14,10 @@ from PIL import Image
 
 from safevlm_hf.evaluation.benchmarks import BenchmarkItem
 from safevlm_hf.evaluation.judges import Judgement, StringMatchJudge
+from safevlm_hf.evaluation.metrics import generation_metrics
 from safevlm_hf.layerwise import PromptItem, comparison_table, icet_scan, layer_group, load_icet_report, resolve_layers
-from safevlm_hf.layerwise.icet import IcetReport, _layer_result
+from safevlm_hf.layerwise.icet import IcetLayerResult, IcetReport, _layer_result, layer_groups
+from safevlm_hf.layerwise.icet_grid import IcetGrid
 from safevlm_hf.layerwise.prompts import chat_text
 
 
@@ -147,27 +150,104 @@ def test_safevlm_gating_holds_at_every_layer_and_the_ungated_scan_shows_the_llm_
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-def test_layer_metrics_match_hand_counts():
+def test_layer_metrics_match_hand_counts_and_count_unparseable_answers_as_attacks_like_eval():
     items = [PromptItem(f"risky {i}", None, "c1" if i < 2 else "c2", "refuse") for i in range(4)]
     items += [PromptItem(f"safe {i}", None, "benign", "answer") for i in range(2)]
     judgements = [
         Judgement(unsafe=True, refused=False),
         Judgement(unsafe=True, refused=False),
         Judgement(unsafe=False, refused=True),
-        Judgement(unsafe=None, refused=None, parsed=False),  # unparsed: out of the rates, counted apart
+        Judgement(unsafe=None, refused=None, parsed=False),  # unparsed: never safe, an attack as in `safevlm eval`
         Judgement(unsafe=False, refused=True),  # a safe prompt refused (over-refusal)
         Judgement(unsafe=False, refused=False),
     ]
     result = _layer_result(2, 24, items, judgements, rewards=[1.0, 0.0, 2.0, 3.0, 0.0, 0.0])
     assert result.group == "early"
-    assert result.attack_success_rate == pytest.approx(2 / 3)
+    assert result.attack_success_rate == pytest.approx(3 / 4)  # 2 unsafe + 1 unparseable, over all 4 risky prompts
+    assert result.attack_success_rate_parsed == pytest.approx(2 / 3)
     assert result.refusal_rate == pytest.approx(1 / 3)
     assert result.safe_answer_rate == pytest.approx(0.5)
-    assert result.unparsed == 1
+    assert result.unparsed == 1 and result.unparsed_risky == 1
     assert result.mean_reward == pytest.approx(1.0)
-    assert result.per_category["c1"] == {"n": 2, "attack_success_rate": 1.0, "refusal_rate": 0.0}
-    assert result.per_category["c2"]["attack_success_rate"] == pytest.approx(0.0)
+    assert result.per_category["c1"] == {"n": 2, "attack_success_rate": 1.0, "refusal_rate": 0.0, "unparsed": 0}
+    assert result.per_category["c2"] == {"n": 2, "attack_success_rate": 0.5, "refusal_rate": 1.0, "unparsed": 1}
     assert "benign" not in result.per_category  # categories are reported over risky prompts
+
+    # The same judged rows through `safevlm eval`'s metrics give the same attack success rate.
+    eval_records = [
+        {"expected": item.expected, "judgement": judgement, "refused": judgement.refused}
+        for item, judgement in zip(items, judgements)
+    ]
+    assert generation_metrics(eval_records)["attack_success_rate"] == result.attack_success_rate
+
+
+def test_group_tables_show_the_unparseable_count_per_layer_and_per_group():
+    items = [PromptItem("risky", None, "c", "refuse"), PromptItem("risky 2", None, "c", "refuse")]
+    unparsed = Judgement(unsafe=None, refused=None, parsed=False)
+    judged = Judgement(unsafe=False, refused=True)
+    layers = [
+        _layer_result(layer, 4, items, [unparsed, judged] if layer in (1, 2) else [judged, judged], None)
+        for layer in (1, 2, 3, 4)
+    ]
+    report = IcetReport("m", 4, 3, None, {"name": "string_match"}, {}, layers)
+    groups = report.group_averages()
+    assert groups["early"]["unparsed"] == 2 and groups["early"]["attack_success_rate"] == pytest.approx(0.5)
+    assert groups["middle"]["unparsed"] == 0 and groups["late"]["unparsed"] == 0
+    markdown = report.to_markdown()
+    assert "| 1 | early | 2 | 50.0% | 0.0% | 100.0% | - | 1 | - |" in markdown  # per layer: Unparsed column
+    assert "| early | 1-2 | 50.0% | 0.0% | 100.0% | - | 2 | - |" in markdown  # per group: summed
+    assert "Unparsed" in comparison_table(report, report).splitlines()[0]
+
+
+def synthetic_report(depth: int, reward: bool = True) -> IcetReport:
+    layers = [
+        IcetLayerResult(
+            layer,
+            layer_group(layer, depth),
+            4,
+            layer / depth,
+            1 - layer / depth,
+            0.5,
+            layer % 2,
+            0.1 if reward else None,
+        )
+        for layer in range(1, depth + 1)
+    ]
+    return IcetReport("/models/tiny", depth, depth - 1, None, {"name": "string_match"}, {}, layers)
+
+
+@pytest.mark.parametrize("depth", [4, 24, 26, 32])
+def test_plot_shades_exactly_the_table_groups(depth):
+    report = synthetic_report(depth)
+    figure = report.figure()
+    ax = figure.axes[0]
+    bands = [(patch.get_x(), patch.get_x() + patch.get_width()) for patch in ax.patches]
+    groups = layer_groups(depth)
+    assert bands == [(members[0] - 0.5, members[-1] + 0.5) for members in groups.values()]
+    labels = {text.get_text(): text.get_position()[0] for text in ax.texts}
+    assert list(labels) == list(groups)
+    for result in report.layers:  # every layer lies in the band labelled with its table group
+        start, end = bands[list(groups).index(result.group)]
+        assert start < result.layer < end
+        assert abs(labels[result.group] - (start + end) / 2) < 1e-9
+    assert {g: v["layers"] for g, v in report.group_averages().items()} == groups
+    plt.close(figure)
+
+
+def test_group_labels_and_legend_do_not_overlap():
+    report = synthetic_report(24)
+    figure = report.figure()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend = figure.legends[0].get_window_extent(renderer)
+    frame = figure.bbox
+    for text in figure.axes[0].texts:
+        box = text.get_window_extent(renderer)
+        assert not box.overlaps(legend), f"the {text.get_text()!r} label is under the legend"
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1  # inside the figure
+    for ax in figure.axes:  # the legend is outside every data area
+        assert not ax.get_window_extent(renderer).overlaps(legend)
+    plt.close(figure)
 
 
 def test_report_files_group_averages_and_round_trip(tiny_llava_pair, tmp_path):
@@ -235,7 +315,7 @@ def test_bad_input_is_a_clear_error(tiny_llava_pair):
         icet_scan(model, processor, [], "string")
     with pytest.raises(ValueError, match=r"Vision layer 7 is outside the vision encoder.*1\.\.4"):
         icet_scan(model, processor, items, "string", layers=[1, 7])
-    with pytest.raises(ValueError, match="plain LLaVA-style model"):
+    with pytest.raises(ValueError, match="plain model without SafeVLM"):
         icet_scan(model, processor, items, "string", gating=True)
     with pytest.raises(TypeError, match="no text `prompt`"):
         icet_scan(model, processor, [object()], "string")
@@ -243,3 +323,45 @@ def test_bad_input_is_a_clear_error(tiny_llava_pair):
     multi_layer.config.vision_feature_layer = [-2, -1]
     with pytest.raises(ValueError, match="2 concatenated vision layers"):
         icet_scan(multi_layer, processor, items, "string")
+
+
+# ------------------------------------------------------------------------------------------------------ the grid
+def test_grid_tables_cells_and_plot_rows_use_the_one_grouping():
+    rows = [("a", synthetic_report(4)), ("b", synthetic_report(6)), ("c", synthetic_report(6, reward=False))]
+    grid = IcetGrid(rows)
+    early_a = (rows[0][1].result(1).attack_success_rate + rows[0][1].result(2).attack_success_rate) / 2
+    assert grid.cell(rows[0][1], "attack_success_rate", "early") == pytest.approx(early_a)
+    assert grid.cell(rows[0][1], "unparsed", "early") == 1  # layers 1 and 2 have 1 and 0 unparseable answers
+    assert grid.cell(rows[1][1], "attack_success_rate", "default") == rows[1][1].result(5).attack_success_rate
+    markdown = grid.to_markdown()
+    assert (
+        "| a | ? | n/a | 4 | 1-2 | 3 | 4 | 3 |" in markdown and "| b | ? | n/a | 6 | 1-2 | 3-4 | 5-6 | 5 |" in markdown
+    )
+    assert "| c | - | - | - | - |" in markdown.split("## Mean reward")[1]  # no reward: dashes, not zeros
+
+    figure = grid.figure()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert len(figure.axes) == 2 * 4  # a row per depth (4, 6) x ASR, refusal, answered, reward
+    legend = figure.legends[0].get_window_extent(renderer)
+    for index, ax in enumerate(figure.axes):
+        depth = (4, 6)[index // 4]
+        bands = [(patch.get_x(), patch.get_x() + patch.get_width()) for patch in ax.patches]
+        assert bands == [(m[0] - 0.5, m[-1] + 0.5) for m in layer_groups(depth).values()]
+        assert not ax.get_window_extent(renderer).overlaps(legend)
+        assert all(not text.get_window_extent(renderer).overlaps(legend) for text in ax.texts)
+    plt.close(figure)
+
+
+def test_grid_refuses_rows_it_cannot_compare():
+    report = synthetic_report(4)
+    with pytest.raises(ValueError, match=r"unique; \['a'\]"):
+        IcetGrid([("a", report), ("a", report)])
+    other_judge = copy.deepcopy(report)
+    other_judge.judge = {"name": "hf:some/judge"}
+    with pytest.raises(ValueError, match="share one judge"):
+        IcetGrid([("a", report), ("b", other_judge)])
+    fewer_prompts = copy.deepcopy(report)
+    fewer_prompts.layers[0].num_prompts = 3
+    with pytest.raises(ValueError, match="same prompts"):
+        IcetGrid([("a", report), ("b", fewer_prompts)])

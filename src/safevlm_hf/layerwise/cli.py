@@ -5,6 +5,8 @@ Examples::
 
     safevlm icet --model ./llava --bench figstep:SafeBench.csv --layers all --judge string --out icet/
     safevlm icet --model ./my-safevlm --bench vlguard:test.json --layers 1-12 --out icet/ --compare-gating
+    safevlm icet --model llava15=./llava --model next=./llava-next --model llama32=./mllama --bench ... --out grid/
+    safevlm icet --model before=./llava --model after=lppo/final --bench ... --out grid/    # L-PPO before/after
     safevlm lppo --model ./llava --prompts prompts.jsonl --layer 8 --reward refusal --out lppo/
 
 :func:`register` adds both sub-commands to a parent parser; :func:`run_icet` and :func:`run_lppo` execute them and
@@ -14,6 +16,7 @@ return the exit code (0 on success, 2 on bad input: an unreadable prompt file, a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,14 +53,30 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 def _register_icet(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "icet",
-        help="Scan which vision-encoder layers make the model unsafe (ICET early exit).",
+        help="Scan which vision-encoder layers make the model unsafe (ICET early exit); one model or a grid of them.",
         description=(
-            "For each chosen vision layer l, generate with the LLM reading layer-l image features (same projector), "
-            "judge the answers and report attack success / refusal per layer and per third of the encoder "
-            "(icet_report.json, icet_report.md, icet_layers.png)."
+            "For each chosen vision layer l, generate with the LLM reading layer-l image states (same projection), "
+            "judge the answers and report attack success / refusal per layer and per third of the encoder. One "
+            "model: OUT/icet_report.{json,md}, OUT/icet_layers.png. Several (--model NAME=PATH, repeatable, or "
+            "--models FILE): OUT/NAME/icet_report.* for each. Always OUT/icet_grid.{md,json,png}: model x layer group "
+            "(Early/Middle/Late) x metric, and every model's per-layer curves on one plot. Supports LLaVA-1.5, "
+            "LLaVA-NeXT, SafeVLM and Llama 3.2 Vision (mllama) checkpoints."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="Checkpoint folder or Hub id (LLaVA/SafeVLM).")
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument(
+        "--model",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="Checkpoint folder or Hub id, repeatable; NAME labels its grid row and output folder (default: the "
+        "folder name), e.g. --model before=./llava --model after=./lppo/final.",
+    )
+    models.add_argument(
+        "--models",
+        metavar="FILE",
+        help="Text file of models, one [NAME=]PATH per line (# comments; relative paths "
+        "are read from the file's folder), instead of --model.",
+    )
     _add_prompt_source(parser, "JSONL prompt file (prompt, image, category, expected per line) instead of --bench.")
     parser.add_argument("--layers", default="all", help="all (default) | a-b | comma list, e.g. 1-12 or 4,8,-2.")
     parser.add_argument("--judge", default="string", help="string (default) | hf:MODEL | openai:MODEL.")
@@ -65,9 +84,13 @@ def _register_icet(subparsers: Any) -> None:
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="Variable holding the judge API key.")
     parser.add_argument("--reward-model", metavar="hf:MODEL", help="Also report this reward model's mean score.")
     parser.add_argument("--out", required=True, help="Output folder.")
-    parser.add_argument("--no-gating", action="store_true", help="SafeVLM: generate without gating (the LLM alone).")
     parser.add_argument(
-        "--compare-gating", action="store_true", help="SafeVLM: scan with gating on and off and write both reports."
+        "--no-gating", action="store_true", help="SafeVLM models: generate without gating (the LLM alone)."
+    )
+    parser.add_argument(
+        "--compare-gating",
+        action="store_true",
+        help="SafeVLM models: scan with gating on and off, write both reports and give each its grid row.",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="Answer length (default: 64).")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default: 8).")
@@ -84,7 +107,12 @@ def _register_lppo(subparsers: Any) -> None:
             "(vision encoder and projectors frozen). Writes checkpoints, lppo_log.jsonl and OUT/final (merged model)."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="Checkpoint folder or Hub id (LLaVA/SafeVLM).")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="Checkpoint folder or Hub id (LLaVA-1.5, LLaVA-NeXT, SafeVLM, Llama 3.2 Vision).",
+    )
     _add_prompt_source(parser, "JSONL training prompts (prompt, image, category, expected per line).")
     layers = parser.add_mutually_exclusive_group(required=True)
     layers.add_argument("--layer", type=int, help="The target vision layer (one layer per run, as published).")
@@ -142,7 +170,7 @@ def _load_items(args: argparse.Namespace, out: Path) -> list[Any]:
     return items
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -150,8 +178,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     if hasattr(model, "set_safety_tokenizer"):
         model.set_safety_tokenizer(processor.tokenizer)
     return model.to(device).eval(), processor
@@ -162,16 +190,84 @@ def _pct(value: float | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- icet
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _model_entry(text: str, where: str, base: Path | None = None) -> tuple[str, str]:
+    """`(label, path)` from `[NAME=]PATH` (a relative PATH is read from `base` when given)."""
+    label, separator, path = (part.strip() for part in text.strip().partition("="))
+    if not separator or "/" in label or "\\" in label:  # no NAME: the '=' (if any) belongs to the path
+        label, path = "", text.strip()
+    if not path:
+        raise ValueError(f"{where}: {text!r} names no model path; write [NAME=]PATH.")
+    if base is not None and not Path(path).is_absolute() and (base / path).exists():
+        path = str(base / path)
+    label = label or Path(path.rstrip("/\\")).name or path
+    if not _LABEL.match(label):
+        raise ValueError(
+            f"{where}: model name {label!r} is not usable as a folder name; give one with NAME=PATH (letters, "
+            "digits, '.', '_', '-')."
+        )
+    return label, path
+
+
+def _model_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The models to scan, as unique `(label, path)` pairs, from `--model` or `--models FILE`."""
+    if args.models:
+        listing = Path(args.models)
+        if not listing.is_file():
+            raise FileNotFoundError(f"Model list {listing} does not exist.")
+        entries = []
+        for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                entries.append(_model_entry(text, f"{listing}:{number}", listing.parent))
+        if not entries:
+            raise ValueError(f"{listing} lists no model; write one [NAME=]PATH per line.")
+    else:
+        entries = [_model_entry(text, f"--model {text}") for text in args.model]
+    labels = [label for label, _ in entries]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(
+            f"Model name(s) {repeated} are used twice; name each model with NAME=PATH (e.g. --model before=... "
+            "--model after=...)."
+        )
+    return entries
+
+
+def _check_model(path: str, args: argparse.Namespace) -> bool:
+    """Read the model's config (not its weights): fail fast on an unsupported family or a layer outside its encoder.
+    Returns whether it is a SafeVLM."""
+    from transformers import AutoConfig
+
+    import safevlm_hf  # noqa: F401  (registers SafeVLM with the Auto classes)
+
+    from .early_exit import early_exit_class, resolve_layers
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    family = early_exit_class(config)
+    resolve_layers(args.layers, family.encoder_depth(config))
+    return config.model_type == "safevlm"
+
+
 def run_icet(args: argparse.Namespace) -> int:
     """Execute `safevlm icet`; returns the exit code."""
+    import gc
+
+    import torch
+
     from ..evaluation.benchmarks import BenchmarkFormatError
     from ..evaluation.judges import JudgeError, build_judge
-    from .icet import comparison_table, icet_scan, is_safevlm, resolve_layers, vision_encoder_depth
+    from .icet import comparison_table, icet_scan
+    from .icet_grid import IcetGrid
+    from .rewards import build_reward
 
     out = Path(args.out)
     if args.no_gating and args.compare_gating:
         return _error("icet", "--no-gating and --compare-gating exclude each other.")
-    try:  # read every input before loading the model: a bad file fails in seconds
+    try:  # read every input and every model's config before loading weights: a bad input fails in seconds
+        entries = _model_entries(args)
         items = _load_items(args, out)
         judge_kwargs = {}
         if args.judge.lower().startswith("openai:"):
@@ -183,46 +279,78 @@ def run_icet(args: argparse.Namespace) -> int:
         judge = build_judge(args.judge, **judge_kwargs)
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
         return _error("icet", str(err))
-    try:
-        model, processor = _load_model(args)
-    except (OSError, ValueError) as err:
-        return _error("icet", f"cannot load model {args.model!r}: {err}")
-    safevlm = is_safevlm(model)
-    if (args.no_gating or args.compare_gating) and not safevlm:
-        return _error("icet", f"{args.model} is a plain LLaVA-style model: it has no safety gating to turn off.")
-    runs = [("icet", None if not safevlm else not args.no_gating)]
-    if args.compare_gating:
-        runs = [("icet_gated", True), ("icet_ungated", False)]
-    reports = {}
-    try:
-        resolve_layers(args.layers, vision_encoder_depth(model))  # a bad layer fails before any generation
-        for prefix, gating in runs:
-            report = icet_scan(
-                model,
-                processor,
-                items,
-                judge,
-                args.layers,
-                reward_model=args.reward_model,
-                gating=gating,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                show_progress=not args.no_progress,
+    safevlm = {}
+    for label, path in entries:
+        try:
+            safevlm[label] = _check_model(path, args)
+        except (OSError, ValueError, KeyError) as err:
+            return _error("icet", f"model {label!r} ({path}): {err}")
+    if (args.no_gating or args.compare_gating) and not any(safevlm.values()):
+        plain = entries[0][1] if len(entries) == 1 else "none of the models"
+        return _error(
+            "icet",
+            f"{plain} is a plain model: no safety gating to turn off (--no-gating/--compare-gating need a SafeVLM).",
+        )
+    several = len(entries) > 1
+    rows = []
+    reward = None
+    for label, path in entries:
+        try:
+            model, processor = _load_model(path, args)
+        except (OSError, ValueError) as err:
+            return _error("icet", f"cannot load model {label!r} ({path}): {err}")
+        runs = [("icet", None)]
+        if safevlm[label]:
+            runs = (
+                [("icet_gated", True), ("icet_ungated", False)]
+                if args.compare_gating
+                else [("icet", not args.no_gating)]
             )
-            paths = report.save(out, prefix=prefix)
-            reports[prefix] = report
-            groups = report.group_averages()
-            summary = ", ".join(f"{g} ASR {_pct(v['attack_success_rate'])}" for g, v in groups.items())
-            gate = "" if gating is None else f" (gating {'on' if gating else 'off'})"
-            print(f"ICET scan{gate}: {len(report.layers)} layers x {len(items)} prompts; {summary}.")
-            print(f"Report: {paths['markdown']}")
-    except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
+        folder = out / label if several else out
+        reports = {}
+        try:
+            if args.reward_model and reward is None:
+                reward = build_reward(args.reward_model, model=model)  # loaded once, shared by every model's scan
+            for prefix, gating in runs:
+                report = icet_scan(
+                    model,
+                    processor,
+                    items,
+                    judge,
+                    args.layers,
+                    reward_model=reward,
+                    gating=gating,
+                    max_new_tokens=args.max_new_tokens,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    show_progress=not args.no_progress,
+                )
+                paths = report.save(folder, prefix=prefix)
+                reports[prefix] = report
+                compared = args.compare_gating and gating is not None
+                rows.append((f"{label} (gating {'on' if gating else 'off'})" if compared else label, report))
+                summary = ", ".join(
+                    f"{g} ASR {_pct(v['attack_success_rate'])}" for g, v in report.group_averages().items()
+                )
+                gate = "" if gating is None else f" (gating {'on' if gating else 'off'})"
+                print(f"ICET scan of {label}{gate}: {len(report.layers)} layers x {len(items)} prompts; {summary}.")
+                print(f"Report: {paths['markdown']}")
+        except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
+            return _error("icet", f"model {label!r}: {err}")
+        if args.compare_gating and safevlm[label]:
+            table = comparison_table(reports["icet_gated"], reports["icet_ungated"], ("gated", "ungated"))
+            comparison = folder / "icet_gating_comparison.md"
+            comparison.write_text(f"# ICET scan of {label}: gating on vs off\n\n{table}\n", encoding="utf-8")
+            print(f"Comparison: {comparison}")
+        del model, processor  # one model in memory at a time
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    try:
+        grid = IcetGrid(rows).save(out)
+    except ValueError as err:
         return _error("icet", str(err))
-    if args.compare_gating:
-        table = comparison_table(reports["icet_gated"], reports["icet_ungated"], ("gated", "ungated"))
-        (out / "icet_gating_comparison.md").write_text(f"# ICET scan: gating on vs off\n\n{table}\n", encoding="utf-8")
-        print(f"Comparison: {out / 'icet_gating_comparison.md'}")
+    print(f"Grid ({len(rows)} row(s): model x Early/Middle/Late x metric): {grid['markdown']}, plot {grid['plot']}")
     return 0
 
 
@@ -264,7 +392,7 @@ def run_lppo(args: argparse.Namespace) -> int:
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
         return _error("lppo", str(err))
     try:
-        model, processor = _load_model(args)
+        model, processor = _load_model(args.model, args)
     except (OSError, ValueError) as err:
         return _error("lppo", f"cannot load model {args.model!r}: {err}")
     try:

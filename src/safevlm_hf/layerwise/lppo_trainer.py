@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
+from .early_exit import early_exit_for
 from .icet import decode_responses, generate_at_layer, is_safevlm, resolve_layers, vision_encoder_depth
 from .lppo_config import LPPOConfig
 from .ppo_math import (
@@ -61,8 +62,6 @@ STATE_FILE = "trainer_state.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 LLM_WEIGHTS_FILE = "llm_weights.safetensors"
 ADAPTER_DIR = "adapter"
-# Processor keys indexed by image rather than by prompt row.
-_IMAGE_KEYS = ("pixel_values", "image_sizes")
 
 
 class ValueHead(nn.Module):
@@ -111,8 +110,10 @@ def response_mask(responses: torch.Tensor, eos_token_id: int | Sequence[int] | N
     return (eos_before == 0).float()
 
 
-def _select_rows(inputs: dict[str, Any], rows: Sequence[int], has_image: Sequence[bool]) -> dict[str, Any]:
-    """The processor inputs of some prompt rows (image tensors are indexed by the rows that have an image)."""
+def _select_rows(
+    inputs: dict[str, Any], rows: Sequence[int], has_image: Sequence[bool], image_keys: Sequence[str]
+) -> dict[str, Any]:
+    """The processor inputs of some prompt rows (`image_keys` are indexed by the rows that have an image)."""
     image_index, count = {}, 0
     for row, flag in enumerate(has_image):
         if flag:
@@ -122,7 +123,7 @@ def _select_rows(inputs: dict[str, Any], rows: Sequence[int], has_image: Sequenc
     for key, value in inputs.items():
         if not isinstance(value, torch.Tensor):
             selected[key] = value
-        elif key in _IMAGE_KEYS:
+        elif key in image_keys:
             images = [image_index[r] for r in rows if r in image_index]
             if images:
                 selected[key] = value[images]
@@ -190,7 +191,8 @@ class LPPOTrainer:
         # The image placeholder must never be sampled: a response containing it would no longer match the number of
         # image features. It is banned both in generate() and in the log-probabilities, so both use one distribution.
         image_token_id = getattr(model.config, "image_token_id", None)
-        self.banned_token_ids = [image_token_id] if image_token_id is not None else []
+        vocabulary = model.get_output_embeddings().weight.shape[0]  # Llama 3.2 Vision's image token has no logit
+        self.banned_token_ids = [image_token_id] if image_token_id is not None and image_token_id < vocabulary else []
 
         set_seed(config.seed)  # LoRA and value-head initialisation are part of the run's seeded state
         for parameter in model.parameters():
@@ -276,18 +278,21 @@ class LPPOTrainer:
         attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
         # The same position ids generate() derives from the attention mask (left padding does not shift positions).
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        early_exit = early_exit_for(model)
         extra = {k: v for k, v in rollout_inputs.items() if k not in ("input_ids", "attention_mask")}
+        extra = early_exit.extend_token_inputs(extra, input_ids.shape[1])  # e.g. mllama's cross-attention mask
         if self.is_safevlm:
             extra["compute_safety"] = False  # the LLM alone is being scored; the safety head is not needed
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            vision_feature_layer=layer,
-            output_hidden_states=with_values,
-            use_cache=False,
-            **extra,
-        )
+        with early_exit.at(layer) as exit_kwargs:  # the LLM reads vision layer `layer`, as in the rollout
+            outputs = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=with_values,
+                use_cache=False,
+                **exit_kwargs,
+                **extra,
+            )
         prompt_length = rollout_inputs["input_ids"].shape[1]
         length = responses.shape[1]
         logits = outputs.logits[:, prompt_length - 1 : prompt_length - 1 + length].float() / self.config.temperature
@@ -393,7 +398,8 @@ class LPPOTrainer:
             for start in range(0, rows, config.mini_batch_size):
                 batch = order[start : start + config.mini_batch_size]
                 mask, responses = rollout.mask[batch], rollout.responses[batch]
-                inputs = _select_rows(rollout.inputs, batch, rollout.has_image)
+                image_keys = early_exit_for(self.policy).image_indexed_inputs
+                inputs = _select_rows(rollout.inputs, batch, rollout.has_image, image_keys)
                 logits, values = self._forward(self.policy, inputs, responses, mask, rollout.layer, with_values=True)
                 logprobs = logprobs_from_logits(logits, responses)
                 policy = clipped_policy_loss(

@@ -152,8 +152,12 @@ def encode_items(processor: Any, items: Sequence[Any], device: torch.device | st
     """Processor inputs for a batch of items, left-padded for generation (rows with and without images may mix)."""
     images = [item_image(item) for item in items]
     texts = [chat_text(processor, item.prompt, image is not None) for item, image in zip(items, images)]
-    present = [image for image in images if image is not None]
-    inputs = processor(images=present or None, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    # One image list per prompt row (empty for a text-only row): every processor accepts this layout, and Llama 3.2
+    # Vision's needs it to know which row an image belongs to (a flat list would be read as one row's images).
+    per_row = [[image] if image is not None else [] for image in images]
+    inputs = processor(
+        images=per_row if any(per_row) else None, text=texts, return_tensors="pt", padding=True, padding_side="left"
+    )
     if device is None:
         return dict(inputs)
     return {key: value.to(device) if hasattr(value, "to") else value for key, value in inputs.items()}
