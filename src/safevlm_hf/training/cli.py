@@ -334,20 +334,29 @@ def run_train(args: argparse.Namespace) -> int:
         metrics.update(trainer.evaluate())
 
     # The exported folder is what `save_pretrained` writes (weights, config, remote code, processor), without the
-    # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs.
+    # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs. Every process
+    # takes part in gathering the weights (DeepSpeed ZeRO-3 and FSDP shard them; the local copy holds empty
+    # placeholders), and the main process writes them.
     out = Path(args.out)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine, FSDP or DDP module
     export = trainer.accelerator.unwrap_model(trainer.model)
-    saved = out
-    if args.stage == 2 and config.stage2_mode == "lora":
-        if main:
-            export.save_pretrained(out / "adapter")
-            processor.save_pretrained(out / "adapter")
-        if args.no_merge:
-            export, saved = None, out / "adapter"
-        else:
-            export = merge_stage2(export)
-    if export is not None and main:
-        export.save_pretrained(out)
+    saved = out / "adapter" if args.stage == 2 and config.stage2_mode == "lora" and args.no_merge else out
+    if main and args.stage == 2 and config.stage2_mode == "lora":
+        export.save_pretrained(out / "adapter", state_dict=state_dict)
+        processor.save_pretrained(out / "adapter")
+        if not args.no_merge:
+            # Merged from the saved files, so that the same code serves sharded and unsharded runs. Training is over:
+            # the base must load whole on this process, not partitioned by DeepSpeed ZeRO-3 (whose zero.Init would
+            # wait for the other processes, which are not loading).
+            from peft import PeftModel
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            base = SafeVLMForConditionalGeneration.from_pretrained(args.model)
+            merge_stage2(PeftModel.from_pretrained(base, out / "adapter")).save_pretrained(out)
+            processor.save_pretrained(out)
+    elif main:
+        export.save_pretrained(out, state_dict=state_dict)
         processor.save_pretrained(out)
     trainer.accelerator.wait_for_everyone()
     if main:
