@@ -1,7 +1,7 @@
 # Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
-"""``safevlm convert`` and ``safevlm train``: the command-line side of conversion and two-stage training.
+"""``safevlm convert``, ``safevlm train`` and ``safevlm plan``: conversion, two-stage training and its memory plan.
 
-:func:`register` adds both subcommands to the ``safevlm`` console script's subparsers (each sets ``func`` to its
+:func:`register` adds the three subcommands to the ``safevlm`` console script's subparsers (each sets ``func`` to its
 runner, which returns an exit code). Launchers run the console script as a module, e.g.
 ``torchrun --nproc_per_node 2 -m safevlm_hf.cli train ...`` or
 ``accelerate launch --multi_gpu --num_processes 2 -m safevlm_hf.cli train ...`` (on a machine without GPUs
@@ -224,18 +224,20 @@ def training_settings(args: argparse.Namespace) -> dict[str, object]:
     if args.recipe:
         settings.update(load_recipe(args.recipe).settings(args.stage))
     for dest, (field, _) in _TRAIN_FLAGS.items():
-        value = getattr(args, dest)
+        value = getattr(args, dest, None)  # `safevlm plan` has only some of the options
         if value is not None:
             settings[field] = value
-    if args.no_conditioning:
+    if getattr(args, "no_conditioning", False):
         settings["stage2_conditioning"] = False
     settings["per_device_eval_batch_size"] = settings["per_device_train_batch_size"]
-    for item in args.overrides:
+    for item in getattr(args, "overrides", []):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
         settings[key.strip()] = value
-    settings.update(output_dir=str(args.out), stage=args.stage)
+    settings["stage"] = args.stage
+    if getattr(args, "out", None) is not None:
+        settings["output_dir"] = str(args.out)
     return settings
 
 
@@ -365,8 +367,85 @@ def run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------------------ plan
+# `--engine` -> the sharding a plan row is computed for; a recipe's launch config picks the default.
+_ENGINES = {"ddp": "none", "zero2": "zero2", "zero3": "zero3/fsdp", "fsdp": "zero3/fsdp"}
+_LAUNCH_ENGINES = {"deepspeed_zero2.yaml": "zero2", "deepspeed_zero3.yaml": "zero3", "fsdp.yaml": "fsdp"}
+
+
+def _add_plan_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="GPU memory per stage (parameters, gradients, optimizer, activations), computed without weights.",
+        description=(
+            "Build the model on the meta device (no weight is loaded or downloaded) and print the memory each GPU "
+            "needs for a training stage, with and without bf16, gradient checkpointing, ZeRO-2 and ZeRO-3/FSDP "
+            "sharding (and, for stage 2, LoRA vs the full LLM). The recipe's (or the options') configuration is "
+            "marked. See safevlm_hf/training/plan.py for what is counted."
+        ),
+    )
+    parser.add_argument(
+        "--model", required=True, help="Model folder (LLaVA or SafeVLM config.json), or llava-1.5-7b / llava-1.5-13b."
+    )
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: safety modules; 2: the LLM.")
+    parser.add_argument("--recipe", default=None, metavar="NAME|FILE", help="Training recipe (e.g. psa-vlm).")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs that share the work (default: 1).")
+    parser.add_argument("--engine", choices=tuple(_ENGINES), default=None, help="Sharding of the marked row.")
+    parser.add_argument("--batch-size", type=int, default=None, help="Micro-batch per GPU (default: recipe, or 8).")
+    parser.add_argument("--seq-len", type=int, default=None, help="Tokens per row (default: image + safety + text).")
+    parser.add_argument("--text-tokens", type=int, default=512, help="Text tokens per row (default: 512).")
+    parser.add_argument(
+        "--stage2-mode", choices=("lora", "full"), default=None, help="Stage 2 mode of the marked row."
+    )
+    parser.add_argument("--lora-r", type=int, default=None)
+    parser.add_argument("--lora-alpha", type=int, default=None)
+    parser.add_argument("--lora-dropout", type=float, default=None)
+    parser.add_argument("--lora-target-modules", nargs="+", default=None)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Run ``safevlm plan``; returns an exit code."""
+    from .plan import plan_training
+    from .recipes import load_recipe
+
+    try:
+        settings = training_settings(args)
+        engine = args.engine
+        if engine is None and args.recipe:
+            engine = _LAUNCH_ENGINES.get(str(load_recipe(args.recipe).launch.get("accelerate_config")))
+        chosen = {
+            "precision": "bf16" if settings["bf16"] else "fp32",
+            "gradient_checkpointing": bool(settings["activation_checkpointing"]),
+            "sharding": _ENGINES[engine or "ddp"],
+        }
+        if args.stage == 2:
+            chosen["mode"] = settings["stage2_mode"]
+        plan = plan_training(
+            args.model,
+            args.stage,
+            gpus=args.gpus,
+            micro_batch=int(settings["per_device_train_batch_size"]),
+            seq_len=args.seq_len,
+            text_tokens=args.text_tokens,
+            lora_r=int(settings["lora_r"]),
+            lora_alpha=int(settings["lora_alpha"]),
+            lora_dropout=float(settings["lora_dropout"]),
+            lora_target_modules=settings["lora_target_modules"],
+            chosen=chosen,
+        )
+    except (OSError, ValueError) as err:  # RecipeError included
+        return _error(str(err))
+    print(plan.table())
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------------------- wiring
 def register(subparsers) -> None:
-    """Add the ``convert`` and ``train`` subcommands to an `argparse` subparsers object (each sets ``func``)."""
+    """Add the ``convert``, ``train`` and ``plan`` subcommands to an `argparse` subparsers object (each sets
+    ``func``)."""
     _add_convert_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_plan_parser(subparsers)
