@@ -10,9 +10,6 @@ checked by tests/test_accelerate_configs.py instead.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,30 +19,16 @@ from safetensors.torch import load_file
 
 from safevlm_hf.cli import main as cli_main
 
+from conftest import free_port, run_command, run_torchrun
 from test_training import QUESTIONS, write_training_data
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _losses(out: Path, step: int = 3) -> list[float]:
     state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
-
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    }
 
 
 def _train_args(model: Path, data: Path, stage: int, steps: int, *extra: str) -> list[str]:
@@ -72,12 +55,6 @@ def _train_args(model: Path, data: Path, stage: int, steps: int, *extra: str) ->
     ]
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    run = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run
-
-
 def _assert_same_models(two: Path, one: Path) -> None:
     """Loaded back (the on-disk key layout may differ between save paths), every weight agrees."""
     from safevlm_hf import SafeVLMForConditionalGeneration
@@ -95,20 +72,7 @@ def test_two_process_stage1_matches_one_process(saved_safevlm, tmp_path):
     data = write_training_data(tmp_path / "data", rows=QUESTIONS[:4])
     common = _train_args(saved_safevlm, data, 1, 3, "--set", "use_cpu=True")
 
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "safevlm_hf.cli",
-    ]
-    run = _run([*launch, *common, "--out", str(tmp_path / "two"), "--batch-size", "2"])
+    run = run_torchrun([*common, "--out", str(tmp_path / "two"), "--batch-size", "2"])
     assert run.stdout.count("Saved the stage 1 model") == 1  # the main process reports and exports, once
     state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
@@ -143,7 +107,7 @@ def _accelerate_launch(config: str) -> list[str]:
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "safevlm_hf.cli",
     ]
@@ -166,7 +130,7 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process(
     common = _train_args(saved_safevlm, data, stage, 2, *options)
     monkeypatch.chdir(EXAMPLES.parents[1])  # the configs name their DeepSpeed JSON relative to the repository root
     # DeepSpeed's default CPU backend is oneCCL; gloo ships with torch.
-    run = _run(
+    run = run_command(
         [
             *_accelerate_launch(config),
             *common,
