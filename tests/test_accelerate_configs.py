@@ -69,18 +69,29 @@ def test_fsdp_config_becomes_a_full_sharding_plugin_that_wraps_the_models_layers
     assert len(wrapped) == text + vision
 
 
-@pytest.mark.parametrize("name, stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
-def test_deepspeed_configs_pass_deepspeed_validation_once_filled_by_safevlm_train(launched, tmp_path, name, stage):
+DEEPSPEED = [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)]
+
+
+@pytest.mark.parametrize("name, stage", DEEPSPEED)
+def test_deepspeed_configs_become_the_plugin_accelerate_launch_builds(launched, name, stage):
     from accelerate import DeepSpeedPlugin
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
     env = launched(EXAMPLES / f"{name}.yaml")
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_CONFIG_FILE"].endswith(".json")
-    plugin = DeepSpeedPlugin()  # reads the JSON the launcher points to
+    plugin = DeepSpeedPlugin()  # reads the JSON the launcher points to, with accelerate's own parser
     assert plugin.zero_stage == stage
     assert plugin.zero3_init_flag is (stage == 3)
+    assert plugin.deepspeed_config["bf16"] == {"enabled": "auto"}  # safevlm train's --bf16 / recipe decides
 
-    # What the Trainer does with it: the "auto" values are filled from the training options.
+
+@pytest.mark.parametrize("name, stage", DEEPSPEED)
+def test_deepspeed_configs_pass_deepspeed_validation_once_filled_by_safevlm_train(launched, tmp_path, name, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed's own validation needs `pip install deepspeed`")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    env = launched(EXAMPLES / f"{name}.yaml")
+    # What the Trainer does with it: the "auto" values are filled from the training options ...
     args = SafeVLMTrainingConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=8, use_cpu=True
     )
@@ -88,11 +99,6 @@ def test_deepspeed_configs_pass_deepspeed_validation_once_filled_by_safevlm_trai
     filled.trainer_config_process(args)
     assert filled.config["train_micro_batch_size_per_gpu"] == 2 and filled.config["gradient_accumulation_steps"] == 8
     assert filled.get_value("zero_optimization.stage") == stage
-
-    deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed's own validation needs `pip install deepspeed`")
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    config = dict(filled.config, train_batch_size=2 * 8)  # one process: the batch Trainer computes at launch
-    checked = DeepSpeedConfig(config)
+    # ... and DeepSpeed validates the result (one process: the global batch the Trainer computes at launch).
+    checked = DeepSpeedConfig(dict(filled.config, train_batch_size=2 * 8))
     assert checked.zero_optimization_stage == stage and checked.gradient_accumulation_steps == 8
-    assert deepspeed.__version__

@@ -87,10 +87,11 @@ def test_a_copied_and_edited_recipe_file_trains(saved_safevlm, tmp_path, capsys)
     )
     out = tmp_path / "out"
     argv = ["train", "--stage", "1", "--model", str(saved_safevlm), "--data", str(data), "--out", str(out)]
-    assert cli_main([*argv, "--recipe", str(recipe)]) == 0
+    assert cli_main([*argv, "--recipe", str(recipe), "--dtype", "bfloat16"]) == 0
     args = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert args["global_step"] == 1 and args["train_batch_size"] == 4
     assert "Saved the stage 1 model" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # --dtype reached the weights
 
 
 def test_recipe_listing_and_errors_name_the_file_and_the_key(tmp_path, capsys):

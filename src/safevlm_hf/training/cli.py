@@ -198,6 +198,14 @@ def _add_train_parser(subparsers) -> None:
         help="bf16 mixed precision (needs a GPU with bf16, or --set use_cpu=True).",
     )
     parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="Dtype the weights load in (default: the checkpoint's, fp16 for llava-hf). DeepSpeed with bf16 keeps fp32 "
+        "master weights itself; without DeepSpeed, --bf16 autocasts, and the trained weights stay in this dtype, so "
+        "use float32 there.",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const=True,
@@ -273,6 +281,7 @@ def _report_skipped(dataset, label: str) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``safevlm train``; returns an exit code."""
+    import torch
     from transformers import AutoConfig
 
     from ..data import SafetyDataError, load_safety_dataset
@@ -304,7 +313,8 @@ def run_train(args: argparse.Namespace) -> int:
         processor = SafeVLMProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as err:
         return _error(f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}")
-    model = SafeVLMForConditionalGeneration.from_pretrained(args.model)
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = SafeVLMForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
 
     data_options = dict(
         image_root=args.image_root,
