@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,13 +48,47 @@ def tiny_safevlm(_tiny_safevlm_pair):
     return fresh.eval(), processor
 
 
-@pytest.fixture(scope="session")
-def saved_safevlm(_tiny_safevlm_pair, tmp_path_factory):
-    model, processor = _tiny_safevlm_pair
-    path = tmp_path_factory.mktemp("safevlm_ckpt")
+def save_checkpoint(model, processor, path: Path) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def saved_llava(tiny_llava_pair, tmp_path_factory):
+    return save_checkpoint(*tiny_llava_pair, tmp_path_factory.mktemp("llava_ckpt"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m safevlm_hf.cli ARGS` on this machine's CPU (gloo); fails the test with the
+    tail of its output if it fails."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "safevlm_hf.cli"]
+    return run_command([*launch, *args])
+
+
+def run_command(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a launcher in a subprocess (one thread per process, the tests folder importable)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def saved_safevlm(_tiny_safevlm_pair, tmp_path_factory):
+    return save_checkpoint(*_tiny_safevlm_pair, tmp_path_factory.mktemp("safevlm_ckpt"))
 
 
 @pytest.fixture

@@ -59,8 +59,8 @@ def probes(monkeypatch):
     attached: list[EarlyExitProbe] = []
     load = layerwise_cli._load_model
 
-    def load_and_probe(path, args):
-        model, processor = load(path, args)
+    def load_and_probe(path, args, **kwargs):
+        model, processor = load(path, args, **kwargs)
         attached.append(EarlyExitProbe(model))
         return model, processor
 

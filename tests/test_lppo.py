@@ -22,6 +22,7 @@ from safevlm_hf.layerwise import (
     SafetyHeadReward,
 )
 from safevlm_hf.layerwise.lppo_trainer import response_mask
+from safevlm_hf.layerwise.prompts import encode_items
 
 
 REFUSAL = "I'm sorry, but I can't help with this request."
@@ -168,9 +169,11 @@ def test_log_checkpoint_and_resume_reproduce_the_uninterrupted_run(peaked_llava,
     output = tmp_path / "b" / "lppo"
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
     checkpoint = output / "checkpoint-2"
-    files = ("adapter/adapter_model.safetensors", "value_head.safetensors", "optimizer.pt", "scheduler.pt")
-    for name in files + ("rng_state.pth", "trainer_state.json"):
+    # accelerate's state (optimizer, scheduler, RNG) and the trained weights only: not the frozen model
+    files = ("adapter/adapter_model.safetensors", "value_head.safetensors", "optimizer.bin", "random_states_0.pkl")
+    for name in files + ("custom_checkpoint_0.pkl", "trainer_state.json"):
         assert (checkpoint / name).is_file(), name
+    assert not list(checkpoint.glob("model*.safetensors"))
 
     resumed = LPPOTrainer(
         copy.deepcopy(model), processor, config(tmp_path / "b", **settings), items, starts_with_vowel
@@ -204,8 +207,12 @@ def test_full_llm_training_keeps_vision_and_projector_frozen_and_checkpoints_the
             assert torch.equal(parameter, before[name]), name
     llm = [(n, p) for n, p in model.named_parameters() if n.startswith("model.language_model.")]
     assert any(not torch.equal(p, before[n]) for n, p in llm)
-    for name, parameter in trainer.reference.named_parameters():  # the reference stays the initial policy
-        assert torch.equal(parameter, before[name]), name
+    # The reference stays the initial policy, offloaded: no weight of its own in memory but a CPU copy it streams
+    # in for each forward (accelerate's cpu_offload), never a second copy on the device.
+    assert all(parameter.device.type == "meta" for parameter in trainer.reference.parameters())
+    inputs = encode_items(processor, training_items(2))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.reference(**inputs).logits, initial(**inputs).logits, rtol=0, atol=0)
     checkpoint = tmp_path / "lppo" / "checkpoint-1"
     saved = load_file(str(checkpoint / "llm_weights.safetensors"))
     assert saved and all(n.startswith(("model.language_model.", "lm_head.")) for n in saved)
@@ -220,8 +227,6 @@ def test_full_llm_training_keeps_vision_and_projector_frozen_and_checkpoints_the
 
 def test_save_model_merges_the_adapters_into_a_loadable_checkpoint(peaked_llava, tmp_path):
     from transformers import AutoModelForImageTextToText
-
-    from safevlm_hf.layerwise.prompts import encode_items
 
     model, processor = peaked_llava
     trainer = LPPOTrainer(model, processor, config(tmp_path, max_steps=1), training_items(4), starts_with_vowel)

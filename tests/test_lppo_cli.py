@@ -27,15 +27,6 @@ def prompt_file(tmp_path):
     return path
 
 
-@pytest.fixture(scope="module")
-def saved_llava(tiny_llava_pair, tmp_path_factory):
-    model, processor = tiny_llava_pair
-    path = tmp_path_factory.mktemp("llava_ckpt")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def test_icet_on_a_safevlm_with_gating_on_and_off(saved_safevlm, prompt_file, tmp_path):
     out = tmp_path / "icet"
     code = main(

@@ -2,33 +2,8 @@
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
 from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration
-
-
-def llava_15_config(size: str) -> LlavaConfig:
-    """The published llava-hf/llava-1.5-{7b,13b}-hf configuration values."""
-    text = {
-        "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    }[size]
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=LlamaConfig(vocab_size=32064, **text),
-        image_token_index=32000,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-    )
+from safevlm_hf.training.plan import llava_15_config  # the published llava-1.5 shapes
 
 
 @pytest.mark.parametrize("size, expected_base", [("7b", 7.06e9), ("13b", 13.35e9)])

@@ -8,6 +8,7 @@ Examples::
     safevlm icet --model llava15=./llava --model next=./llava-next --model llama32=./mllama --bench ... --out grid/
     safevlm icet --model before=./llava --model after=lppo/final --bench ... --out grid/    # L-PPO before/after
     safevlm lppo --model ./llava --prompts prompts.jsonl --layer 8 --reward refusal --out lppo/
+    accelerate launch --multi_gpu --num_processes 4 -m safevlm_hf.cli lppo ... --batch-size 16  # data-parallel
 
 :func:`register` adds both sub-commands to a parent parser; :func:`run_icet` and :func:`run_lppo` execute them and
 return the exit code (0 on success, 2 on bad input: an unreadable prompt file, a layer outside the encoder, ...).
@@ -147,6 +148,24 @@ def _register_lppo(subparsers: Any) -> None:
     parser.add_argument("--save-steps", type=int, default=0, help="Checkpoint every N steps (default: at the end).")
     parser.add_argument("--resume", action="store_true", help="Resume from the newest checkpoint in --out.")
     parser.add_argument("--no-merge", action="store_true", help="Save only the LoRA adapters, not a merged model.")
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Prompts drawn (seeded) from the set and kept out of training; the summary compares the policy's greedy "
+        "reward on them before and after (default: 10%% of the prompts, 1 to 64; 0: none).",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Recompute activations in the PPO updates' backward pass instead of storing them (less memory).",
+    )
+    parser.add_argument(
+        "--no-offload-reference",
+        action="store_true",
+        help="--full-finetune: keep the frozen reference LLM on the GPU (faster; twice the weights' memory).",
+    )
     _add_runtime(parser)
     parser.set_defaults(func=run_lppo)
 
@@ -170,7 +189,9 @@ def _load_items(args: argparse.Namespace, out: Path) -> list[Any]:
     return items
 
 
-def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
+def _load_model(path: str, args: argparse.Namespace, place: bool = True) -> tuple[Any, Any]:
+    """The model at `path` (on `--device` if `place`; L-PPO's trainer places it on its process's device itself) and
+    its processor."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -182,7 +203,7 @@ def _load_model(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     if hasattr(model, "set_safety_tokenizer"):
         model.set_safety_tokenizer(processor.tokenizer)
-    return model.to(device).eval(), processor
+    return (model.to(device) if place else model).eval(), processor
 
 
 def _pct(value: float | None) -> str:
@@ -355,6 +376,40 @@ def run_icet(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------- lppo
+def split_held_out(items: list[Any], count: int | None, seed: int) -> tuple[list[Any], list[Any]]:
+    """(training prompts, held-out prompts): ``count`` prompts drawn with ``seed`` (default: 10 % of the set, 1 to 64,
+    none when the set has a single prompt), so that reruns and resumed runs hold out the same ones."""
+    import random
+
+    if count is None:
+        count = min(64, max(1, round(0.1 * len(items)))) if len(items) > 1 else 0
+    if not 0 <= count < len(items):
+        raise ValueError(
+            f"--held-out {count} must be >= 0 and leave at least one of the {len(items)} prompts to train on."
+        )
+    held = set(random.Random(seed).sample(range(len(items)), count))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def lppo_summary(trainer: Any) -> str:
+    """One line that compares the SAME prompts before and after training (greedy answers to the held-out prompts),
+    beside the update statistics that say whether the policy moved at all."""
+    history = trainer.log_history
+    steps = history[-1]["step"] if history else trainer.step
+    kl = sum(h["approx_kl"] for h in history) / len(history) if history else float("nan")
+    clip = sum(h["clip_fraction"] for h in history) / len(history) if history else float("nan")
+    moved = f"mean approx. KL {kl:.2e}, clip fraction {clip:.3f} per update"
+    if len(trainer.eval_history) >= 2:
+        before, after = trainer.eval_history[0], trainer.eval_history[-1]
+        reward = (
+            f"held-out reward {before['reward']:.3f} -> {after['reward']:.3f} ({before['num_prompts']} prompts, "
+            f"greedy, layer {before['layer']})"
+        )
+    else:
+        reward = "no held-out prompts to compare before and after (--held-out 0)"
+    return f"L-PPO on layer(s) {trainer.layers}: {steps} steps; {reward}; {moved}."
+
+
 def run_lppo(args: argparse.Namespace) -> int:
     """Execute `safevlm lppo`; returns the exit code."""
     from ..evaluation.benchmarks import BenchmarkFormatError
@@ -364,8 +419,14 @@ def run_lppo(args: argparse.Namespace) -> int:
     from .rewards import build_reward
 
     out = Path(args.out)
+    if args.device not in ("auto", "cpu", "cuda"):
+        return _error(
+            "lppo",
+            f"--device {args.device}: L-PPO puts each process on its own GPU (accelerate); pick GPUs with "
+            "CUDA_VISIBLE_DEVICES and use --device auto, cuda or cpu.",
+        )
     try:
-        items = _load_items(args, out)
+        items, held_out = split_held_out(_load_items(args, out), args.held_out, args.seed)
         judge = build_judge(args.judge)
         config = LPPOConfig(
             output_dir=str(out),
@@ -385,6 +446,9 @@ def run_lppo(args: argparse.Namespace) -> int:
             use_lora=not args.full_finetune,
             lora_r=args.lora_r,
             lora_alpha=args.lora_alpha,
+            offload_reference=not args.no_offload_reference,
+            activation_checkpointing=args.gradient_checkpointing,
+            use_cpu=args.device == "cpu",
             save_steps=args.save_steps,
             seed=args.seed,
             show_progress=not args.no_progress,
@@ -392,21 +456,17 @@ def run_lppo(args: argparse.Namespace) -> int:
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
         return _error("lppo", str(err))
     try:
-        model, processor = _load_model(args.model, args)
+        model, processor = _load_model(args.model, args, place=False)
     except (OSError, ValueError) as err:
         return _error("lppo", f"cannot load model {args.model!r}: {err}")
     try:
         reward = build_reward(args.reward, model=model, processor=processor, judge=judge)
-        trainer = LPPOTrainer(model, processor, config, items, reward)
-        history = trainer.train(resume_from_checkpoint=True if args.resume else None)
+        trainer = LPPOTrainer(model, processor, config, items, reward, eval_items=held_out or None)
+        trainer.train(resume_from_checkpoint=True if args.resume else None)
         final = trainer.save_model(out / "final", merge=not args.no_merge)
     except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
         return _error("lppo", str(err))
-    if history:
-        first, last = history[0], history[-1]
-        print(
-            f"L-PPO on layer(s) {trainer.layers}: {last['step']} steps; reward {first['reward']:.3f} -> "
-            f"{last['reward']:.3f}, KL {last['kl']:.3f}. Log: {out / 'lppo_log.jsonl'}"
-        )
-    print(f"Model: {final}")
+    if trainer.accelerator.is_main_process:
+        print(f"{lppo_summary(trainer)} Log: {out / 'lppo_log.jsonl'}")
+        print(f"Model: {final}")
     return 0

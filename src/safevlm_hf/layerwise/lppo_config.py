@@ -74,9 +74,22 @@ class LPPOConfig:
         lora_r (`int`, defaults to 16), lora_alpha (`int`, defaults to 32), lora_dropout (`float`, defaults to 0.0).
         lora_target_modules (`list[str] | None`): short names of the LLM's linear layers to adapt (e.g.
             `["q_proj", "v_proj"]`); default: every linear layer of the LLM.
+        offload_reference (`bool`, defaults to `True`): with `use_lora=False`, keep the frozen reference policy (the
+            initial LLM, for the KL term) on the CPU and stream it to the GPU one module at a time for each forward
+            (accelerate's `cpu_offload`), rather than a second full copy in GPU memory. `False`: keep it on the GPU
+            (faster, twice the weights' memory). With LoRA the reference is the policy with its adapters disabled.
+
+    Memory and devices:
+        activation_checkpointing (`bool`, defaults to `False`): recompute each decoder layer's activations in the
+            backward pass of the PPO updates instead of storing them (as `TrainingArguments.activation_checkpointing`;
+            the rollouts, which need no backward pass, keep their KV cache).
+        use_cpu (`bool`, defaults to `False`): train on the CPU even if a GPU is there (without a GPU the CPU is used
+            anyway; several processes then talk over gloo).
 
     Bookkeeping:
         output_dir (`str`): where checkpoints, the log (`lppo_log.jsonl`) and the final model go.
+        Under `accelerate launch` / `torchrun` with N processes, `rollout_batch_size` and `mini_batch_size` are global
+        (each a multiple of N): N processes take the same steps as one.
         seed (`int`, defaults to 42): seeds LoRA/value-head initialisation, prompt order, layer draws and sampling.
         logging_steps (`int`, defaults to 1): write a log entry every N steps.
         save_steps (`int`, defaults to 0): save a resumable checkpoint every N steps (0: only at the end).
@@ -117,6 +130,9 @@ class LPPOConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None
+    offload_reference: bool = True
+    activation_checkpointing: bool = False
+    use_cpu: bool = False
     seed: int = 42
     logging_steps: int = 1
     save_steps: int = 0

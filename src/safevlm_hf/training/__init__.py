@@ -13,37 +13,48 @@ Example::
     trainer = SafeVLMTrainer(model, stage2, train_dataset=data, processing_class=processor)
     trainer.train()
     merge_stage2(trainer.model).save_pretrained("out/safevlm")
+
+    # The published PSA-VLM hyperparameters (flags/keywords override them):
+    stage1 = SafeVLMTrainingConfig.from_recipe("psa-vlm", stage=1, output_dir="out/stage1", num_safe_samples=1000)
 """
 
 from .conditioning import condition_example, condition_on_policy, policy_action
 from .config import SafeVLMTrainingConfig
+from .recipes import RecipeError, TrainingRecipe, build_training_config, list_recipes, load_recipe
 from .stages import (
     SAFETY_PARAMETER_PREFIXES,
+    apply_llm_lora,
     apply_stage2_lora,
     freeze_for_full_stage2,
     freeze_for_stage1,
     is_safety_parameter,
     llm_linear_layer_names,
+    llm_lora_config,
     merge_stage2,
-    stage2_lora_config,
     unwrap_safevlm,
 )
 from .trainer import SafeVLMTrainer
 
 
 __all__ = [
+    "RecipeError",
     "SAFETY_PARAMETER_PREFIXES",
     "SafeVLMTrainer",
     "SafeVLMTrainingConfig",
+    "TrainingRecipe",
+    "apply_llm_lora",
+    "build_training_config",
     "apply_stage2_lora",
     "condition_example",
     "condition_on_policy",
     "freeze_for_full_stage2",
     "freeze_for_stage1",
     "is_safety_parameter",
+    "list_recipes",
     "llm_linear_layer_names",
+    "llm_lora_config",
+    "load_recipe",
     "merge_stage2",
     "policy_action",
-    "stage2_lora_config",
     "unwrap_safevlm",
 ]

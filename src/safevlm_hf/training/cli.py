@@ -1,7 +1,7 @@
 # Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
-"""``safevlm convert`` and ``safevlm train``: the command-line side of conversion and two-stage training.
+"""``safevlm convert``, ``safevlm train`` and ``safevlm plan``: conversion, two-stage training and its memory plan.
 
-:func:`register` adds both subcommands to the ``safevlm`` console script's subparsers (each sets ``func`` to its
+:func:`register` adds the three subcommands to the ``safevlm`` console script's subparsers (each sets ``func`` to its
 runner, which returns an exit code). Launchers run the console script as a module, e.g.
 ``torchrun --nproc_per_node 2 -m safevlm_hf.cli train ...`` or
 ``accelerate launch --multi_gpu --num_processes 2 -m safevlm_hf.cli train ...`` (on a machine without GPUs
@@ -101,6 +101,32 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- train
+# `safevlm train` options that set a SafeVLMTrainingConfig field: option dest -> (field, built-in default). The
+# options default to None so that a recipe's value survives unless the user gives the flag; precedence is
+# built-in default < --recipe < flags < --set.
+_TRAIN_FLAGS: dict[str, tuple[str, object]] = {
+    "epochs": ("num_train_epochs", 1.0),
+    "max_steps": ("max_steps", -1),
+    "batch_size": ("per_device_train_batch_size", 8),
+    "grad_accum": ("gradient_accumulation_steps", 1),
+    "lr": ("learning_rate", 1e-4),
+    "seed": ("seed", 42),
+    "save_steps": ("save_steps", 500),
+    "logging_steps": ("logging_steps", 10),
+    "stage2_mode": ("stage2_mode", "lora"),
+    "lora_r": ("lora_r", 16),
+    "lora_alpha": ("lora_alpha", 32),
+    "lora_dropout": ("lora_dropout", 0.05),
+    "lora_target_modules": ("lora_target_modules", None),
+    "safety_profile": ("safety_profile", None),
+    "num_safe_samples": ("num_safe_samples", None),
+    "safety_loss_weight": ("safety_loss_weight", None),
+    "max_length": ("max_length", None),
+    "gradient_checkpointing": ("activation_checkpointing", None),
+    "bf16": ("bf16", None),
+}
+
+
 def _add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -108,15 +134,26 @@ def _add_train_parser(subparsers) -> None:
         description=(
             "Stage 1 trains the safety projector, safety tokens and safety head (the rest frozen); stage 2 trains "
             "the LLM (LoRA by default, merged into a plain SafeVLM checkpoint) with the safety modules frozen, on "
-            "data whose answers follow the safety policy. Runs unchanged under torchrun / accelerate launch."
+            "data whose answers follow the safety policy. Runs unchanged under torchrun / accelerate launch "
+            "(DeepSpeed ZeRO / FSDP configs: examples/accelerate/). --recipe NAME sets a published recipe's "
+            "hyperparameters; explicit flags override it."
         ),
     )
-    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: safety modules; 2: the LLM.")
-    parser.add_argument("--model", required=True, help="SafeVLM checkpoint folder (see `safevlm convert`).")
     parser.add_argument(
-        "--data", required=True, help="Training data: a .jsonl/.json file of the documented format, or vlguard:PATH."
+        "--recipe",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME|FILE",
+        help="Training recipe: a shipped name (e.g. psa-vlm) or a .yaml/.json file; without a value, list them.",
     )
-    parser.add_argument("--out", required=True, help="Output folder: checkpoint-N folders and the final model.")
+    parser.add_argument("--list-recipes", action="store_true", help="List the shipped recipes and exit.")
+    parser.add_argument("--stage", type=int, choices=(1, 2), help="1: safety modules; 2: the LLM (required).")
+    parser.add_argument("--model", help="SafeVLM checkpoint folder (see `safevlm convert`; required).")
+    parser.add_argument(
+        "--data", help="Training data: a .jsonl/.json file of the documented format, or vlguard:PATH (required)."
+    )
+    parser.add_argument("--out", help="Output folder: checkpoint-N folders and the final model (required).")
     parser.add_argument(
         "--eval-data", default=None, help="Held-out data (same forms as --data), evaluated at the end."
     )
@@ -131,10 +168,12 @@ def _add_train_parser(subparsers) -> None:
     parser.add_argument(
         "--num-safe-samples", type=int, default=None, help="Stage 1 balancing: all risky rows + N sampled safe rows."
     )
-    parser.add_argument("--stage2-mode", choices=("lora", "full"), default="lora", help="Stage 2: LoRA or full LLM.")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--stage2-mode", choices=("lora", "full"), default=None, help="Stage 2: LoRA (default) or full."
+    )
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 16).")
+    parser.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 32).")
+    parser.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default: 0.05).")
     parser.add_argument("--lora-target-modules", nargs="+", default=None, help="LLM linear layers (default: all).")
     parser.add_argument(
         "--no-conditioning",
@@ -146,15 +185,38 @@ def _add_train_parser(subparsers) -> None:
         "--no-merge", action="store_true", help="Stage 2 LoRA: save the adapter only, do not merge it into the model."
     )
     parser.add_argument("--safety-loss-weight", type=float, default=None, help="Default: the model's config value.")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="Stop after this many optimizer steps (-1: epochs).")
-    parser.add_argument("--batch-size", type=int, default=8, help="Per-process batch size.")
-    parser.add_argument("--grad-accum", type=int, default=1, help="Gradient accumulation steps.")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--epochs", type=float, default=None, help="Training epochs (default: 1).")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="Stop after this many optimizer steps (-1: epochs)."
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="Per-process batch size (default: 8).")
+    parser.add_argument("--grad-accum", type=int, default=None, help="Gradient accumulation steps (default: 1).")
+    parser.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: 1e-4).")
+    parser.add_argument("--seed", type=int, default=None, help="Seed (default: 42).")
     parser.add_argument("--max-length", type=int, default=None, help="Reject rows longer than this many tokens.")
-    parser.add_argument("--save-steps", type=int, default=500, help="Save a checkpoint every N steps.")
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=None, help="Save a checkpoint every N steps (default: 500).")
+    parser.add_argument("--logging-steps", type=int, default=None, help="Log every N steps (default: 10).")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Recompute each decoder layer's activations in the backward pass instead of storing them (less memory, "
+        "about a third more compute; the loss is unchanged).",
+    )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 mixed precision (needs a GPU with bf16, or --set use_cpu=True).",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="Dtype the weights load in (default: the checkpoint's, fp16 for llava-hf). DeepSpeed with bf16 keeps fp32 "
+        "master weights itself; without DeepSpeed, --bf16 autocasts, and the trained weights stay in this dtype, so "
+        "use float32 there.",
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -173,69 +235,53 @@ def _add_train_parser(subparsers) -> None:
     parser.set_defaults(func=run_train)
 
 
-def build_training_config(args: argparse.Namespace):
-    """The :class:`SafeVLMTrainingConfig` for ``safevlm train`` options (``--set`` fields parsed and typed by
-    `HfArgumentParser`)."""
-    from transformers import HfArgumentParser
+def training_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The `SafeVLMTrainingConfig` field settings of ``safevlm train`` options: built-in defaults, then the recipe's
+    stage block, then the flags the user gave, then ``--set KEY=VALUE`` (values still untyped)."""
+    from .recipes import load_recipe
 
-    from .config import SafeVLMTrainingConfig
-
-    argv = [
-        "--output_dir",
-        str(args.out),
-        "--stage",
-        str(args.stage),
-        "--stage2_mode",
-        args.stage2_mode,
-        "--lora_r",
-        str(args.lora_r),
-        "--lora_alpha",
-        str(args.lora_alpha),
-        "--lora_dropout",
-        str(args.lora_dropout),
-        "--stage2_conditioning",
-        str(not args.no_conditioning),
-        "--num_train_epochs",
-        str(args.epochs),
-        "--max_steps",
-        str(args.max_steps),
-        "--per_device_train_batch_size",
-        str(args.batch_size),
-        "--per_device_eval_batch_size",
-        str(args.batch_size),
-        "--gradient_accumulation_steps",
-        str(args.grad_accum),
-        "--learning_rate",
-        str(args.lr),
-        "--seed",
-        str(args.seed),
-        "--save_steps",
-        str(args.save_steps),
-        "--logging_steps",
-        str(args.logging_steps),
-    ]
-    optional = {
-        "lora_target_modules": args.lora_target_modules,
-        "safety_profile": args.safety_profile,
-        "num_safe_samples": args.num_safe_samples,
-        "safety_loss_weight": args.safety_loss_weight,
-        "max_length": args.max_length,
-    }
-    for key, value in optional.items():
+    settings: dict[str, object] = {field: default for field, default in _TRAIN_FLAGS.values()}
+    if args.recipe:
+        settings.update(load_recipe(args.recipe).settings(args.stage))
+    for dest, (field, _) in _TRAIN_FLAGS.items():
+        value = getattr(args, dest, None)  # `safevlm plan` has only some of the options
         if value is not None:
-            argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    for item in args.overrides:
+            settings[field] = value
+    if getattr(args, "no_conditioning", False):
+        settings["stage2_conditioning"] = False
+    settings["per_device_eval_batch_size"] = settings["per_device_train_batch_size"]
+    for item in getattr(args, "overrides", []):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
-        argv += [f"--{key.strip()}", value]
-    parser = HfArgumentParser(SafeVLMTrainingConfig)
-    (config, unknown) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:
-        raise ValueError(
-            f"unknown training option(s) {unknown}; see SafeVLMTrainingConfig / TrainingArguments fields."
-        )
-    return config
+        settings[key.strip()] = value
+    settings["stage"] = args.stage
+    if getattr(args, "out", None) is not None:
+        settings["output_dir"] = str(args.out)
+    return settings
+
+
+def build_training_config(args: argparse.Namespace):
+    """The :class:`SafeVLMTrainingConfig` for ``safevlm train`` options (see :func:`training_settings`)."""
+    from .recipes import build_training_config as from_settings
+
+    origin = f"recipe {args.recipe} with the command-line options" if args.recipe else "the command-line options"
+    return from_settings(training_settings(args), origin=origin)
+
+
+def _print_recipes() -> int:
+    from .recipes import list_recipes
+
+    for recipe in list_recipes():
+        print(f"{recipe.name}: {recipe.description}")
+        if recipe.source:
+            print(f"  source: {recipe.source}")
+        if recipe.launch:
+            print("  launch: " + ", ".join(f"{key}={value}" for key, value in recipe.launch.items()))
+        for stage, settings in recipe.stages.items():
+            print(f"  stage {stage}: " + " ".join(f"{key}={value}" for key, value in settings.items()))
+        print(f"  file: {recipe.path} (copy, edit, then pass its path to --recipe)")
+    return EXIT_OK
 
 
 def _report_skipped(dataset, label: str) -> None:
@@ -247,6 +293,7 @@ def _report_skipped(dataset, label: str) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``safevlm train``; returns an exit code."""
+    import torch
     from transformers import AutoConfig
 
     from ..data import SafetyDataError, load_safety_dataset
@@ -256,9 +303,14 @@ def run_train(args: argparse.Namespace) -> int:
     from .stages import merge_stage2
     from .trainer import SafeVLMTrainer
 
+    if args.list_recipes or args.recipe == "":
+        return _print_recipes()
+    missing = [f"--{name}" for name in ("stage", "model", "data", "out") if getattr(args, name) is None]
+    if missing:
+        return _error(f"safevlm train needs {', '.join(missing)}.")
     try:
         config = build_training_config(args)
-    except (ValueError, SystemExit) as err:  # argparse reports a bad --set value by exiting
+    except ValueError as err:  # RecipeError included: it names the recipe file and the key
         return _error(f"bad training options: {err}")
     try:
         model_config = AutoConfig.from_pretrained(args.model)
@@ -273,8 +325,9 @@ def run_train(args: argparse.Namespace) -> int:
         processor = SafeVLMProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as err:
         return _error(f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        model = SafeVLMForConditionalGeneration.from_pretrained(_checked_weights(args.model))
+        model = SafeVLMForConditionalGeneration.from_pretrained(_checked_weights(args.model), dtype=dtype)
     except (CheckpointFileError, SafetensorError) as err:
         return _error(f"cannot load the SafeVLM weights from {args.model!r}: {err}")
 
@@ -308,20 +361,29 @@ def run_train(args: argparse.Namespace) -> int:
         metrics.update(trainer.evaluate())
 
     # The exported folder is what `save_pretrained` writes (weights, config, remote code, processor), without the
-    # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs.
+    # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs. Every process
+    # takes part in gathering the weights (DeepSpeed ZeRO-3 and FSDP shard them; the local copy holds empty
+    # placeholders), and the main process writes them.
     out = Path(args.out)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine, FSDP or DDP module
     export = trainer.accelerator.unwrap_model(trainer.model)
-    saved = out
-    if args.stage == 2 and args.stage2_mode == "lora":
-        if main:
-            export.save_pretrained(out / "adapter")
-            processor.save_pretrained(out / "adapter")
-        if args.no_merge:
-            export, saved = None, out / "adapter"
-        else:
-            export = merge_stage2(export)
-    if export is not None and main:
-        export.save_pretrained(out)
+    saved = out / "adapter" if args.stage == 2 and config.stage2_mode == "lora" and args.no_merge else out
+    if main and args.stage == 2 and config.stage2_mode == "lora":
+        export.save_pretrained(out / "adapter", state_dict=state_dict)
+        processor.save_pretrained(out / "adapter")
+        if not args.no_merge:
+            # Merged from the saved files, so that the same code serves sharded and unsharded runs. Training is over:
+            # the base must load whole on this process, not partitioned by DeepSpeed ZeRO-3 (whose zero.Init would
+            # wait for the other processes, which are not loading).
+            from peft import PeftModel
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            base = SafeVLMForConditionalGeneration.from_pretrained(args.model)
+            merge_stage2(PeftModel.from_pretrained(base, out / "adapter")).save_pretrained(out)
+            processor.save_pretrained(out)
+    elif main:
+        export.save_pretrained(out, state_dict=state_dict)
         processor.save_pretrained(out)
     trainer.accelerator.wait_for_everyone()
     if main:
@@ -330,8 +392,85 @@ def run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------------------ plan
+# `--engine` -> the sharding a plan row is computed for; a recipe's launch config picks the default.
+_ENGINES = {"ddp": "none", "zero2": "zero2", "zero3": "zero3/fsdp", "fsdp": "zero3/fsdp"}
+_LAUNCH_ENGINES = {"deepspeed_zero2.yaml": "zero2", "deepspeed_zero3.yaml": "zero3", "fsdp.yaml": "fsdp"}
+
+
+def _add_plan_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="GPU memory per stage (parameters, gradients, optimizer, activations), computed without weights.",
+        description=(
+            "Build the model on the meta device (no weight is loaded or downloaded) and print the memory each GPU "
+            "needs for a training stage, with and without bf16, gradient checkpointing, ZeRO-2 and ZeRO-3/FSDP "
+            "sharding (and, for stage 2, LoRA vs the full LLM). The recipe's (or the options') configuration is "
+            "marked. See safevlm_hf/training/plan.py for what is counted."
+        ),
+    )
+    parser.add_argument(
+        "--model", required=True, help="Model folder (LLaVA or SafeVLM config.json), or llava-1.5-7b / llava-1.5-13b."
+    )
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: safety modules; 2: the LLM.")
+    parser.add_argument("--recipe", default=None, metavar="NAME|FILE", help="Training recipe (e.g. psa-vlm).")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs that share the work (default: 1).")
+    parser.add_argument("--engine", choices=tuple(_ENGINES), default=None, help="Sharding of the marked row.")
+    parser.add_argument("--batch-size", type=int, default=None, help="Micro-batch per GPU (default: recipe, or 8).")
+    parser.add_argument("--seq-len", type=int, default=None, help="Tokens per row (default: image + safety + text).")
+    parser.add_argument("--text-tokens", type=int, default=512, help="Text tokens per row (default: 512).")
+    parser.add_argument(
+        "--stage2-mode", choices=("lora", "full"), default=None, help="Stage 2 mode of the marked row."
+    )
+    parser.add_argument("--lora-r", type=int, default=None)
+    parser.add_argument("--lora-alpha", type=int, default=None)
+    parser.add_argument("--lora-dropout", type=float, default=None)
+    parser.add_argument("--lora-target-modules", nargs="+", default=None)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Run ``safevlm plan``; returns an exit code."""
+    from .plan import plan_training
+    from .recipes import load_recipe
+
+    try:
+        settings = training_settings(args)
+        engine = args.engine
+        if engine is None and args.recipe:
+            engine = _LAUNCH_ENGINES.get(str(load_recipe(args.recipe).launch.get("accelerate_config")))
+        chosen = {
+            "precision": "bf16" if settings["bf16"] else "fp32",
+            "gradient_checkpointing": bool(settings["activation_checkpointing"]),
+            "sharding": _ENGINES[engine or "ddp"],
+        }
+        if args.stage == 2:
+            chosen["mode"] = settings["stage2_mode"]
+        plan = plan_training(
+            args.model,
+            args.stage,
+            gpus=args.gpus,
+            micro_batch=int(settings["per_device_train_batch_size"]),
+            seq_len=args.seq_len,
+            text_tokens=args.text_tokens,
+            lora_r=int(settings["lora_r"]),
+            lora_alpha=int(settings["lora_alpha"]),
+            lora_dropout=float(settings["lora_dropout"]),
+            lora_target_modules=settings["lora_target_modules"],
+            chosen=chosen,
+        )
+    except (OSError, ValueError) as err:  # RecipeError included
+        return _error(str(err))
+    print(plan.table())
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------------------- wiring
 def register(subparsers) -> None:
-    """Add the ``convert`` and ``train`` subcommands to an `argparse` subparsers object (each sets ``func``)."""
+    """Add the ``convert``, ``train`` and ``plan`` subcommands to an `argparse` subparsers object (each sets
+    ``func``)."""
     _add_convert_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_plan_parser(subparsers)

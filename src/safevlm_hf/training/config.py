@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
@@ -133,6 +134,16 @@ class SafeVLMTrainingConfig(TrainingArguments):
                 "leave it False."
             )
         super().__post_init__()
+
+    @classmethod
+    def from_recipe(
+        cls, recipe: str | os.PathLike, stage: int, output_dir: str | os.PathLike, **overrides: Any
+    ) -> "SafeVLMTrainingConfig":
+        """The config of ``stage`` from a recipe (a shipped name such as ``"psa-vlm"`` or a YAML/JSON file), with
+        ``overrides`` (any field) on top; see :mod:`safevlm_hf.training.recipes`."""
+        from .recipes import load_recipe
+
+        return load_recipe(recipe).training_config(stage, output_dir, **overrides)
 
 
 __all__ = ["SafeVLMTrainingConfig"]

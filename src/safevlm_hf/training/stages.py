@@ -5,6 +5,8 @@
   the original projector and the LLM (with ``lm_head``) are frozen.
 * **Stage II** trains the LLM, with LoRA adapters on its linear layers (default) or fully; the safety modules and the
   LLM's input embeddings are frozen.
+
+LoRA targeting of the LLM (:func:`llm_lora_config`, :func:`apply_llm_lora`) lives here once; L-PPO uses it too.
 """
 
 from __future__ import annotations
@@ -68,29 +70,42 @@ def freeze_for_full_stage2(model: SafeVLMForConditionalGeneration) -> list[str]:
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
-def llm_linear_layer_names(model: SafeVLMForConditionalGeneration) -> list[str]:
+def _language_model(model: nn.Module) -> nn.Module:
+    """The LLM (``model.language_model``) of a LLaVA-style model or of a PEFT model wrapping one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = getattr(getattr(base, "model", None), "language_model", None)
+    if not isinstance(language_model, nn.Module):
+        raise TypeError(
+            f"{type(base).__name__} has no LLM at `model.language_model`; LoRA targeting needs a LLaVA-style "
+            "model (LlavaForConditionalGeneration, SafeVLMForConditionalGeneration, ...)."
+        )
+    return language_model
+
+
+def llm_linear_layer_names(model: nn.Module) -> list[str]:
     """Distinct names (last path component) of the `nn.Linear` layers inside the LLM, e.g. ``["q_proj", ...]``."""
-    model = unwrap_safevlm(model)
     names = {
         name.rsplit(".", 1)[-1]
-        for name, module in model.model.language_model.named_modules()
+        for name, module in _language_model(model).named_modules()
         if isinstance(module, nn.Linear)
     }
     return sorted(names)
 
 
-def stage2_lora_config(
-    model: SafeVLMForConditionalGeneration,
+def llm_lora_config(
+    model: nn.Module,
     r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
     target_modules: Sequence[str] | None = None,
 ):
-    """A `peft.LoraConfig` that adapts the LLM's linear layers only.
+    """A `peft.LoraConfig` that adapts the LLM's linear layers only (SafeVLM Stage II and L-PPO alike).
 
-    ``target_modules`` names layers by their last path component (default: every linear layer of the LLM). They are
-    matched by a regular expression anchored at ``model.language_model.``, so the vision tower, both projectors and
-    the safety modules can never receive adapters, whatever their layers are called.
+    ``model`` is any LLaVA-style model (its LLM at ``model.language_model``). ``target_modules`` names layers by
+    their last path component (default: every linear layer of the LLM, as PSA-VLM's ``find_all_linear_names`` does;
+    ``lm_head`` sits outside the LLM and is never adapted). They are matched by a regular expression anchored at
+    ``model.language_model.``, so the vision tower, the projector(s) and the safety modules can never receive
+    adapters, whatever their layers are called.
     """
     from peft import LoraConfig
 
@@ -103,17 +118,16 @@ def stage2_lora_config(
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern, bias="none")
 
 
-def apply_stage2_lora(model: SafeVLMForConditionalGeneration, lora_config=None, **lora_kwargs):
+def apply_llm_lora(model: nn.Module, lora_config=None, **lora_kwargs):
     """Wrap ``model`` in a `peft.PeftModel` with LoRA on the LLM's linear layers (everything else frozen).
 
-    ``lora_config`` may replace the default :func:`stage2_lora_config`; it is checked so that no adapter lands outside
-    the LLM.
+    ``lora_config`` may replace the default :func:`llm_lora_config` (built from ``lora_kwargs``); it is checked so that
+    no adapter lands outside the LLM.
     """
     from peft import get_peft_model
 
-    base = unwrap_safevlm(model)
-    config = lora_config if lora_config is not None else stage2_lora_config(base, **lora_kwargs)
-    peft_model = get_peft_model(base, config)
+    config = lora_config if lora_config is not None else llm_lora_config(model, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
     # PEFT names a LoRA weight "base_model.model.<layer path>.lora_A.<adapter>.weight".
     adapted = {
         name.split(".lora_")[0].removeprefix("base_model.model.")
@@ -122,10 +136,15 @@ def apply_stage2_lora(model: SafeVLMForConditionalGeneration, lora_config=None, 
     }
     outside = sorted(name for name in adapted if not name.startswith(LLM_PREFIX))
     if outside:
-        raise ValueError(f"Stage II LoRA must adapt the LLM only, but the config also targets {outside[:5]}.")
+        raise ValueError(f"LoRA must adapt the LLM only, but the config also targets {outside[:5]}.")
     if not adapted:
         raise ValueError("The LoRA config matches no layer of the LLM; check target_modules.")
     return peft_model
+
+
+def apply_stage2_lora(model: SafeVLMForConditionalGeneration, lora_config=None, **lora_kwargs):
+    """Stage II: :func:`apply_llm_lora` on a SafeVLM model (the safety modules are never adapted)."""
+    return apply_llm_lora(unwrap_safevlm(model), lora_config, **lora_kwargs)
 
 
 def merge_stage2(model: nn.Module) -> SafeVLMForConditionalGeneration:
@@ -146,12 +165,13 @@ def merge_stage2(model: nn.Module) -> SafeVLMForConditionalGeneration:
 
 __all__ = [
     "SAFETY_PARAMETER_PREFIXES",
+    "apply_llm_lora",
     "apply_stage2_lora",
     "freeze_for_full_stage2",
     "freeze_for_stage1",
     "is_safety_parameter",
     "llm_linear_layer_names",
+    "llm_lora_config",
     "merge_stage2",
-    "stage2_lora_config",
     "unwrap_safevlm",
 ]

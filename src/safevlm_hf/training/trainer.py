@@ -28,7 +28,7 @@ from .stages import (
     freeze_for_full_stage2,
     freeze_for_stage1,
     is_safety_parameter,
-    stage2_lora_config,
+    llm_lora_config,
     unwrap_safevlm,
 )
 
@@ -188,7 +188,7 @@ class SafeVLMTrainer(Trainer):
             else:
                 set_seed(args.seed)  # LoRA's random initialization must not depend on what ran before
                 if peft_config is None:
-                    peft_config = stage2_lora_config(
+                    peft_config = llm_lora_config(
                         model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules
                     )
                 model = apply_stage2_lora(model, peft_config)
