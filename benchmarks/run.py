@@ -265,8 +265,8 @@ def bench_gate(models: BenchModels, run: RunSettings, safe_in: dict, decode_step
     input_ids = torch.zeros(1, prompt_length + 3, dtype=torch.long)
     scores = torch.randn(1, vocab)
     gates = {
-        "idle (answer)": SafetyGateLogitsProcessor([None], [False], tokenizer.eos_token_id, prompt_length),
-        "forcing (refuse)": SafetyGateLogitsProcessor([forced], [True], tokenizer.eos_token_id, prompt_length),
+        "idle (answer)": SafetyGateLogitsProcessor.from_forced([None], [False], tokenizer.eos_token_id, prompt_length),
+        "forcing (refuse)": SafetyGateLogitsProcessor.from_forced([forced], [True], tokenizer.eos_token_id, prompt_length),
     }
     result = {}
     for name, gate in gates.items():

@@ -37,7 +37,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.generation import GenerationMode, LogitsProcessorList
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMode, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llava.modeling_llava import (
@@ -48,7 +48,8 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_safevlm import SafeVLMConfig
-from .gating_safevlm import SafetyGateLogitsProcessor
+from .gating_safevlm import GatePlan, SafetyGateLogitsProcessor
+from .generation_safevlm import RowPlan, assemble, images_by_row, run_rows
 from .policy_safevlm import SafetyPolicy, SafetyVerdict
 from .processing_safevlm import SafeVLMProcessor  # noqa: F401  (a relative import, so save_pretrained copies the file)
 
@@ -66,6 +67,7 @@ TRANSFORMERS_INTERNALS: dict[str, str] = {
     "transformers.conversion_mapping.register_checkpoint_conversion_mapping": "... converted for registered types",
     "transformers.generation.LogitsProcessorList": "the gate joins the caller's logits processors",
     "transformers.generation.GenerationMode": "gating allows only the decoding modes whose loop runs the gate",
+    "transformers.generation.GenerateDecoderOnlyOutput": "the output of a call whose every row was refused",
     "transformers.modeling_outputs.BaseModelOutputWithPooling": "image features travel in LLaVA's own output type",
     "transformers.modeling_outputs.ModelOutput": "SafeVLMSafetyPrediction is a ModelOutput",
     "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS": "the head's attention follows `attn_implementation`",
@@ -1292,6 +1294,155 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             )
         return context
 
+    def _row_plans(
+        self, verdicts: Sequence[SafetyVerdict], policy: SafetyPolicy, tokenizer: Any, eos: int | None
+    ) -> list[RowPlan]:
+        """What each row's verdict asks of generation (see `RowPlan`; template or guided response)."""
+        plans = []
+        for verdict in verdicts:
+            action = verdict.action
+            if action == "answer":
+                plans.append(RowPlan())
+                continue
+            if verdict.response == "template":  # unassessed verdicts are always template refusals
+                message = self._encode_message(tokenizer, verdict.message)
+                plans.append(RowPlan(lead=message) if action == "caution" else RowPlan(output=message + [int(eos)]))
+                continue
+            fields = (verdict.category, verdict.level, self.config.safety_levels[verdict.level], verdict.profile,
+                      verdict.subcategory)
+            hint = self._encode_message(tokenizer, policy.hint(action, *fields))
+            leads = {name: self._encode_message(tokenizer, policy.lead(name, *fields)) for name in ("caution", "refuse")}
+            budget = policy.refusal_budget
+            if action == "caution":
+                plans.append(RowPlan(context=hint, lead=leads["caution"]))
+            elif action == "refuse":
+                plans.append(RowPlan(context=hint, lead=leads["refuse"], gate=GatePlan(((),), ("budget",), budget)))
+            else:  # decide: the model chooses its lead, the gate keeps the choice's rules
+                choice = GatePlan((tuple(leads["caution"]), tuple(leads["refuse"])), ("free", "budget"), budget)
+                plans.append(RowPlan(context=hint, gate=choice))
+        return plans
+
+    @staticmethod
+    def _row_wise_blockers(generation_config: Any, kwargs: dict[str, Any]) -> list[str]:
+        """Arguments that keep generation from serving rows apart (the rows then all run, with the gate)."""
+        settings = generation_config.to_dict()
+        blockers = [key for key in (CACHE_ARG, "inputs_embeds") if kwargs.get(key) is not None]
+        blockers += [
+            key
+            for key in ("stopping_criteria", "stop_strings", "prefix_allowed_tokens_fn", "negative_prompt_ids")
+            if kwargs.get(key) is not None or settings.get(key) is not None
+        ]
+        blockers += [
+            key for key in ("output_attentions", "output_hidden_states") if kwargs.get(key, settings.get(key, False))
+        ]
+        return_dict = kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate)
+        if return_dict and (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
+            blockers.append("return_dict_in_generate with num_beams > 1")
+        known = {"input_ids", "attention_mask", "image_sizes"}
+        blockers += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in known]
+        return blockers
+
+    def _generate_rows(
+        self,
+        plans: list[RowPlan],
+        input_ids: torch.LongTensor,
+        image_outputs: SafeVLMImageOutputs | None,
+        generation_config: Any,
+        logits_processor: Any,
+        eos: int | None,
+        parent_generate: Callable[..., Any],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, dict[int, int | None]]:
+        """Generate row by row plan (see `generation_safevlm.run_rows`); returns the merged output and the choices
+        made on ``"decide"`` rows (row -> lead index of its first returned sequence)."""
+        kwargs = dict(kwargs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        for name in ("input_ids", "mm_encoder_outputs", "image_sizes"):
+            kwargs.pop(name, None)
+        streamer = kwargs.pop("streamer", None)
+
+        configured = generation_config.to_dict()
+
+        def setting(key: str, default: Any = None) -> Any:
+            value = kwargs.pop(key, None)
+            value = value if value is not None else configured.get(key)
+            return value if value is not None else default
+
+        prompt_length = input_ids.shape[1]
+        max_new = setting("max_new_tokens")
+        max_length = setting("max_length", 20)
+        max_new = max_new if max_new is not None else max(max_length - prompt_length, 0)
+        min_new = max(setting("min_new_tokens") or 0, (setting("min_length") or 0) - prompt_length, 0)
+        expand = setting("num_return_sequences", 1) or 1
+        pad = setting("pad_token_id")
+        pad = int(pad if pad is not None else eos)
+        return_dict = setting("return_dict_in_generate", False)
+        want_scores = bool(return_dict and setting("output_scores", False))
+        want_logits = bool(return_dict and setting("output_logits", False))
+        placeholders = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        pooled = list(image_outputs.pooler_output) if image_outputs is not None else []
+        llm_images = images_by_row(placeholders, pooled)
+        user_processors = list(logits_processor) if logits_processor is not None else []
+
+        base_config = copy.deepcopy(generation_config)
+        model_kwargs = base_config.update(**kwargs)  # decoding settings go into the config, model inputs stay
+
+        def run(input_ids, attention_mask, image_features, max_new_tokens, min_new_tokens, gate, streamer):
+            processors = LogitsProcessorList(user_processors + ([gate] if gate.active else []))
+            images = {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))} if image_features else None
+            config = copy.deepcopy(base_config)
+            config.update(
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                max_length=None,
+                min_length=0,
+                num_return_sequences=expand,
+                return_dict_in_generate=bool(return_dict),
+                output_scores=want_scores,
+                output_logits=want_logits,
+                pad_token_id=pad,
+            )
+            output = parent_generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                mm_encoder_outputs=images,
+                generation_config=config,
+                logits_processor=processors,
+                streamer=streamer,
+                **model_kwargs,
+            )
+            if isinstance(output, torch.Tensor):
+                return gate.enforce(output, pad)
+            output["sequences"] = gate.enforce(output["sequences"], pad)
+            return output
+
+        def make_gate(row_plans: list[GatePlan | None], length: int) -> SafetyGateLogitsProcessor:
+            return SafetyGateLogitsProcessor(row_plans, eos, length)
+
+        results, outputs = run_rows(
+            plans, input_ids, attention_mask, llm_images, run,
+            max_new_tokens=max_new, min_new_tokens=min_new, expand=expand, pad_token_id=pad, eos_token_id=eos,
+            vocab_size=self.config.get_text_config().vocab_size, want_scores=want_scores, want_logits=want_logits,
+            streamer=streamer, make_gate=make_gate,
+        )
+        decisions: dict[int, int | None] = {}
+        for rows, gate, output in outputs:
+            sequences = output if isinstance(output, torch.Tensor) else output["sequences"]
+            for index, choices in gate.decisions(sequences).items():
+                decisions[rows[index]] = choices[0]
+        sequences, scores, logits = assemble(
+            input_ids, results, expand, pad, eos, self.config.get_text_config().vocab_size, want_scores, want_logits
+        )
+        if not return_dict:
+            return sequences, decisions
+        template = next((output for _, _, output in outputs if isinstance(output, ModelOutput)), None)
+        merged = (type(template) if template is not None else GenerateDecoderOnlyOutput)(sequences=sequences)
+        if scores is not None:
+            merged["scores"] = scores
+        if logits is not None:
+            merged["logits"] = logits
+        return merged, decisions
+
     @torch.no_grad()
     def generate(
         self,
@@ -1302,15 +1453,28 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         safety_profile: str | None = None,
         safety_policy: SafetyPolicy | dict | str | None = None,
         safety_gating: bool = True,
+        safety_response: str | None = None,
         **kwargs,
     ):
         r"""
-        [`~GenerationMixin.generate`] with level-based refusal gating.
+        [`~GenerationMixin.generate`] with level-based, graded safety responses.
 
         The prompt is assessed once, before the first token (the vision tower runs once and its output is reused by
-        the LLM), and each row's verdict is enforced by a [`SafetyGateLogitsProcessor`] placed after the caller's
-        logits processors: `"refuse"` rows produce exactly the refusal message then EOS, `"caution"` rows start with
-        the caution prefix, `"answer"` rows are untouched.
+        the LLM). Each row is then served by its verdict:
+
+        * `safety_response="template"` (the default unless the policy says otherwise): a refused row gets exactly
+          the policy's refusal message and EOS, written without running the LLM at all; a cautioned row gets the
+          caution prefix, prefilled in one pass, then decodes freely; an answered row is untouched.
+        * `safety_response="guided"`: the verdict goes into the context as the policy's hint, the gate forces only a
+          short lead (`messages.lead`), and the model writes the rest: a refusal explains itself and ends within
+          `guided.refusal_budget` tokens; a caution answers carefully; a `"decide"` verdict lets the model choose
+          between the caution and the refusal lead (the verdict records which, as `decision`). A model trained with
+          Stage II guided conditioning writes these well.
+
+        Rows that still need the LLM are decoded together; outputs keep the caller's row order and layout. Where an
+        argument needs every row in one batch (a cache, `inputs_embeds`, attentions or hidden states, stopping
+        criteria, beams with `return_dict_in_generate`), template mode runs every row with the gate instead, and
+        guided mode raises.
 
         Every route into the LLM is gated or refused: images arrive as `pixel_values` or as this model's
         `get_image_features` output; `inputs_embeds` must be the token embeddings of `input_ids`; a cache must come
@@ -1322,9 +1486,13 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             safety_profile (`str`, *optional*): audience/region profile of the policy (e.g. `"minor"`).
             safety_policy (`SafetyPolicy | dict | str`, *optional*): replaces the checkpoint's policy for this call.
             safety_gating (`bool`, defaults to `True`): `False` is the one explicit opt-out.
+            safety_response (`str`, *optional*): `"template"` or `"guided"` (default: the policy's `response`).
             tokenizer (*optional*): tokenizer for the messages (see [`set_safety_tokenizer`]).
 
-        With `return_dict_in_generate=True` the output carries `safety_verdicts` (one per input row).
+        With `return_dict_in_generate=True` the output carries `safety_verdicts` (one per input row). Scores and
+        logits at steps whose token was fixed without the LLM (a refusal, a prefilled lead, after a row ended) hold
+        the forced distribution (0 for that token, -inf elsewhere); a cache is returned only when every row ran
+        unchanged.
         """
         if safety_gating is not True and safety_gating is not False:
             raise TypeError(f"safety_gating must be True or False, got {safety_gating!r}.")
@@ -1346,40 +1514,65 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
 
         policy = self.safety_policy(safety_policy)
         profile = policy.check_profile(safety_profile)
+        response = policy.check_response(safety_response)
         self._warn_if_untrained()
         prediction = self._prediction(
             input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), image_outputs, cached=cached
         )
-        verdicts = self._verdicts(prediction, policy, profile)
+        verdicts = self._verdicts(prediction, policy, profile, response)
 
         eos = kwargs.get("eos_token_id", gen_config.eos_token_id)
         eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         if isinstance(eos, (list, tuple)):
             eos = None
-        if eos is None and any(v.refused for v in verdicts):
+        if eos is None and any(v.action != "answer" for v in verdicts):
             raise ValueError(
-                "Refusal gating needs an end-of-sequence token: pass eos_token_id (an int or a non-empty list) or set "
-                "generation_config.eos_token_id."
+                "Safety gating needs an end-of-sequence token to end a refusal: pass eos_token_id (an int or a "
+                "non-empty list) or set generation_config.eos_token_id."
             )
         needs_tokenizer = any(v.action != "answer" for v in verdicts)
         tokenizer = self._resolve_safety_tokenizer(kwargs.get("tokenizer")) if needs_tokenizer else None
-        gate = SafetyGateLogitsProcessor(
-            forced_token_ids=[
-                None if v.action == "answer" else self._encode_message(tokenizer, v.message) for v in verdicts
-            ],
-            end_with_eos=[v.refused for v in verdicts],
-            eos_token_id=eos,
-            prompt_length=input_ids.shape[1] if input_ids is not None else 0,
-        )
-        processors = LogitsProcessorList(list(logits_processor) if logits_processor is not None else [])
-        processors.append(gate)
-        output = super().generate(inputs, generation_config, processors, **kwargs)
-        self._remember_images(kwargs.get(CACHE_ARG), output, input_ids, cached, image_outputs)
-        if isinstance(output, ModelOutput):
-            output["sequences"] = gate.enforce(output["sequences"])
+        plans = self._row_plans(verdicts, policy, tokenizer, eos)
+        return_dict = kwargs.get("return_dict_in_generate", gen_config.return_dict_in_generate)
+
+        if all(plan.runs_llm and not (plan.context or plan.lead or plan.gate) for plan in plans):
+            output = super().generate(inputs, generation_config, logits_processor, **kwargs)  # every row answers
+            self._remember_images(kwargs.get(CACHE_ARG), output, input_ids, cached, image_outputs)
+        elif not (blockers := self._row_wise_blockers(gen_config, kwargs)) and input_ids is not None:
+            output, decisions = self._generate_rows(
+                plans, input_ids, image_outputs, gen_config, logits_processor, eos, super().generate, kwargs
+            )
+            for row, lead in decisions.items():
+                if lead is not None:
+                    verdicts[row] = verdicts[row].with_decision(("caution", "refuse")[lead])
+        else:
+            if response == "guided":
+                raise ValueError(
+                    f"Guided safety responses serve each row apart, which {blockers or ['inputs_embeds']} prevents. "
+                    "Use safety_response='template', or drop those arguments."
+                )
+            gate = SafetyGateLogitsProcessor(
+                [
+                    None if p.runs_llm and not p.lead else GatePlan.forced(
+                        p.output[:-1] if p.output else p.lead, "eos" if p.output else "free"  # output ends with EOS
+                    )
+                    for p in plans
+                ],
+                eos,
+                input_ids.shape[1] if input_ids is not None else 0,
+            )
+            processors = LogitsProcessorList(list(logits_processor) if logits_processor is not None else [])
+            processors.append(gate)
+            output = super().generate(inputs, generation_config, processors, **kwargs)
+            self._remember_images(kwargs.get(CACHE_ARG), output, input_ids, cached, image_outputs)
+            pad = kwargs.get("pad_token_id", gen_config.pad_token_id)
+            if isinstance(output, ModelOutput):
+                output["sequences"] = gate.enforce(output["sequences"], pad)
+            else:
+                output = gate.enforce(output, pad)
+        if return_dict and isinstance(output, ModelOutput):
             output["safety_verdicts"] = verdicts
-            return output
-        return gate.enforce(output)
+        return output
 
     def _remember_images(self, given_cache, output, input_ids, cached, image_outputs) -> None:
         """Record on the cache a gated call leaves behind what the safety branch saw of its images."""

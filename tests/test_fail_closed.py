@@ -105,14 +105,25 @@ def test_a_conversation_continued_from_a_returned_cache_keeps_its_verdict(image_
     model, processor, policy = image_refuser
     inputs = _inputs(processor)
     expected = _message_ids(model, processor, inputs, policy)
-    lenient = {"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "refuse"}}
-    first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, safety_policy=lenient)
+    # A first turn decoded without gating (e.g. by a server that gates only later turns) returns its cache.
+    first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, safety_gating=False)
     cache = first.get("cache", first.get("past_key_values"))
+    assert cache.safevlm_safety_context.placeholders == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
     follow_up = processor.tokenizer(" USER: and now? ASSISTANT:", add_special_tokens=False, return_tensors="pt")
     ids = torch.cat([first.sequences, follow_up["input_ids"]], dim=1)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                          max_new_tokens=60, safety_policy=policy)
     assert out[0, ids.shape[1] :].tolist()[: len(expected)] == expected
+
+
+def test_a_refused_row_leaves_no_cache_and_a_resent_conversation_is_assessed_again(image_refuser):
+    model, processor, policy = image_refuser
+    inputs = _inputs(processor)
+    first = model.generate(**inputs, max_new_tokens=60, return_dict_in_generate=True, safety_policy=policy)
+    assert first.safety_verdicts[0].refused and first.get("cache", first.get("past_key_values")) is None
+    # Without the image or a cache that saw it, the placeholders cannot be assessed: an error, never an answer.
+    with pytest.raises(ValueError, match="safety_gating=False"):
+        model.generate(input_ids=first.sequences, max_new_tokens=4, safety_policy=policy)
 
 
 def test_a_cache_the_model_did_not_build_is_refused(image_refuser):

@@ -278,8 +278,8 @@ def test_gating_argument_validation(tiny_safevlm):
 
 def test_gate_processor_validates_its_plan():
     with pytest.raises(ValueError, match="eos_token_id is required"):
-        SafetyGateLogitsProcessor([[1, 2]], [True], None, prompt_length=3)
-    gate = SafetyGateLogitsProcessor([[4, 5], None], [True, False], eos_token_id=2, prompt_length=3)
+        SafetyGateLogitsProcessor.from_forced([[1, 2]], [True], None, prompt_length=3)
+    gate = SafetyGateLogitsProcessor.from_forced([[4, 5], None], [True, False], eos_token_id=2, prompt_length=3)
     scores = torch.zeros(4, 8)
     out = gate(torch.zeros(4, 4, dtype=torch.long), scores)  # step 1, rows expanded x2
     assert out[0].argmax() == 5 and out[1].argmax() == 5 and torch.isinf(out[0]).sum() == 7

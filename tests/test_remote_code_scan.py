@@ -98,6 +98,7 @@ ALLOWED: dict[str, str] = {
     "transformers.generation.LogitsProcessor": "base class of the safety gate",
     "transformers.generation.LogitsProcessorList": "passes the safety gate to generate()",
     "transformers.generation.GenerationMode": "gating allows only the decoding modes whose loop runs the gate",
+    "transformers.generation.GenerateDecoderOnlyOutput": "the output of a gated call whose every row was refused",
     "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS": "the safety head's attention follows attn_implementation",
     "transformers.utils.can_return_tuple": "return_dict=False support, as on LLaVA's own methods",
     "transformers.__version__": "warns when transformers is newer than the release the code was tested with",
