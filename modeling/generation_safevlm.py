@@ -98,6 +98,22 @@ def forced_scores(token: int, vocab_size: int, device: torch.device) -> torch.Te
     return scores
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """The caller's output: sequences per prompt row, padding, EOS, and which per-step tensors it asked for."""
+
+    expand: int
+    pad_token_id: int
+    eos_token_id: int | None
+    vocab_size: int
+    want_scores: bool
+    want_logits: bool
+
+    @property
+    def wants_steps(self) -> bool:
+        return self.want_scores or self.want_logits
+
+
 @dataclass
 class RowResult:
     """One returned sequence's answer tokens and, when asked for, its per-step scores and logits."""
@@ -116,14 +132,9 @@ def run_rows(
     *,
     max_new_tokens: int,
     min_new_tokens: int,
-    expand: int,
-    pad_token_id: int,
-    eos_token_id: int | None,
-    vocab_size: int,
-    want_scores: bool,
-    want_logits: bool,
-    streamer: Any = None,
+    layout: OutputLayout,
     make_gate: Callable[[list[GatePlan | None], int], Any],
+    streamer: Any = None,
 ) -> tuple[list[RowResult], list[Any]]:
     """Serve every row by its plan; returns one `RowResult` per returned sequence (input row x `expand`).
 
@@ -132,6 +143,7 @@ def run_rows(
     leads have the same length, so that `max_new_tokens` / `min_new_tokens` count from the caller's prompt as before.
     """
     device = input_ids.device
+    expand, pad_token_id, vocab_size = layout.expand, layout.pad_token_id, layout.vocab_size
     prompts = real_tokens(input_ids, attention_mask)
     results: list[RowResult | None] = [None] * (len(plans) * expand)
     outputs: list[Any] = []
@@ -144,7 +156,7 @@ def run_rows(
             for token in tokens:
                 streamer.put(torch.tensor([token]))
             streamer.end()
-        steps = [forced_scores(token, vocab_size, device) for token in tokens] if (want_scores or want_logits) else []
+        steps = [forced_scores(token, vocab_size, device) for token in tokens] if layout.wants_steps else []
         for copy_ in range(expand):
             results[row * expand + copy_] = RowResult(list(tokens), list(steps), list(steps))
 
@@ -157,7 +169,7 @@ def run_rows(
         if budget <= 0:  # the lead alone fills the answer
             for row in rows:
                 lead = plans[row].lead[:max_new_tokens]
-                steps = [forced_scores(t, vocab_size, device) for t in lead] if (want_scores or want_logits) else []
+                steps = [forced_scores(t, vocab_size, device) for t in lead] if layout.wants_steps else []
                 for copy_ in range(expand):
                     results[row * expand + copy_] = RowResult(list(lead), list(steps), list(steps))
             continue
@@ -184,14 +196,14 @@ def run_rows(
         decoded = sequences[:, sub_ids.shape[1] :]
         for index, row in enumerate(rows):
             lead = plans[row].lead
-            lead_steps = [forced_scores(t, vocab_size, device) for t in lead] if (want_scores or want_logits) else []
+            lead_steps = [forced_scores(t, vocab_size, device) for t in lead] if layout.wants_steps else []
             for copy_ in range(expand):
                 position = index * expand + copy_
-                tokens = _until_end(decoded[position].tolist(), eos_token_id, pad_token_id)
+                tokens = _until_end(decoded[position].tolist(), layout.eos_token_id, pad_token_id)
                 result = RowResult(list(lead) + tokens, list(lead_steps), list(lead_steps))
-                if want_scores:
+                if layout.want_scores:
                     result.scores += [step[position] for step in output["scores"][: len(tokens)]]
-                if want_logits:
+                if layout.want_logits:
                     result.logits += [step[position] for step in output["logits"][: len(tokens)]]
                 results[row * expand + copy_] = result
     return results, outputs
@@ -207,14 +219,7 @@ def _until_end(tokens: list[int], eos_token_id: int | None, pad_token_id: int) -
 
 
 def assemble(
-    input_ids: torch.LongTensor,
-    results: Sequence[RowResult],
-    expand: int,
-    pad_token_id: int,
-    eos_token_id: int | None,
-    vocab_size: int,
-    want_scores: bool,
-    want_logits: bool,
+    input_ids: torch.LongTensor, results: Sequence[RowResult], layout: OutputLayout
 ) -> tuple[torch.LongTensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
     """The caller's layout: each prompt row (as given, padding included) followed by its answer, right-padded.
 
@@ -222,14 +227,14 @@ def assemble(
     (log-probability 0 for the token returned there, EOS or padding after the end; -inf elsewhere).
     """
     width = max(len(result.tokens) for result in results)
-    prompts = input_ids.repeat_interleave(expand, dim=0)
-    answer = torch.full((len(results), width), int(pad_token_id), dtype=torch.long, device=input_ids.device)
+    prompts = input_ids.repeat_interleave(layout.expand, dim=0)
+    answer = torch.full((len(results), width), int(layout.pad_token_id), dtype=torch.long, device=input_ids.device)
     for index, result in enumerate(results):
         if result.tokens:
             answer[index, : len(result.tokens)] = torch.tensor(result.tokens, device=input_ids.device)
     sequences = torch.cat([prompts, answer], dim=1)
     device = input_ids.device
-    filler = int(pad_token_id)
+    filler, vocab_size = int(layout.pad_token_id), layout.vocab_size
 
     def stacked(per_row: Sequence[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         steps = []
@@ -243,6 +248,6 @@ def assemble(
             steps.append(torch.stack(column))
         return tuple(steps)
 
-    scores = stacked([result.scores for result in results]) if want_scores else None
-    logits = stacked([result.logits for result in results]) if want_logits else None
+    scores = stacked([result.scores for result in results]) if layout.want_scores else None
+    logits = stacked([result.logits for result in results]) if layout.want_logits else None
     return sequences, scores, logits

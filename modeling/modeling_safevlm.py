@@ -49,7 +49,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_safevlm import SafeVLMConfig
 from .gating_safevlm import GatePlan, SafetyGateLogitsProcessor
-from .generation_safevlm import RowPlan, assemble, images_by_row, run_rows
+from .generation_safevlm import OutputLayout, RowPlan, assemble, images_by_row, run_rows
 from .policy_safevlm import SafetyPolicy, SafetyVerdict
 from .processing_safevlm import SafeVLMProcessor  # noqa: F401  (a relative import, so save_pretrained copies the file)
 
@@ -1419,20 +1419,17 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         def make_gate(row_plans: list[GatePlan | None], length: int) -> SafetyGateLogitsProcessor:
             return SafetyGateLogitsProcessor(row_plans, eos, length)
 
+        layout = OutputLayout(expand, pad, eos, self.config.get_text_config().vocab_size, want_scores, want_logits)
         results, outputs = run_rows(
-            plans, input_ids, attention_mask, llm_images, run,
-            max_new_tokens=max_new, min_new_tokens=min_new, expand=expand, pad_token_id=pad, eos_token_id=eos,
-            vocab_size=self.config.get_text_config().vocab_size, want_scores=want_scores, want_logits=want_logits,
-            streamer=streamer, make_gate=make_gate,
+            plans, input_ids, attention_mask, llm_images, run, max_new_tokens=max_new, min_new_tokens=min_new,
+            layout=layout, make_gate=make_gate, streamer=streamer,
         )
         decisions: dict[int, int | None] = {}
         for rows, gate, output in outputs:
             sequences = output if isinstance(output, torch.Tensor) else output["sequences"]
             for index, choices in gate.decisions(sequences).items():
                 decisions[rows[index]] = choices[0]
-        sequences, scores, logits = assemble(
-            input_ids, results, expand, pad, eos, self.config.get_text_config().vocab_size, want_scores, want_logits
-        )
+        sequences, scores, logits = assemble(input_ids, results, layout)
         if not return_dict:
             return sequences, decisions
         template = next((output for _, _, output in outputs if isinstance(output, ModelOutput)), None)
