@@ -150,11 +150,11 @@ _DEFAULT_POLICY: dict[str, Any] = {
         },
         "unassessed": "I'm sorry, but I can't help with this request: its safety could not be assessed.",
         "hint": {
-            "refuse": "[Safety: {category}, level {level} ({level_name}). {reason} Refuse and briefly explain why.] ",
+            "refuse": "[Safety: {category}, level {level} ({level_name}). {reason} Refuse and briefly explain why.]",
             "caution": "[Safety: {category}, level {level} ({level_name}). {reason} Answer carefully, leave out "
-            "anything harmful.] ",
+            "anything harmful.]",
             "decide": "[Safety: {category}, level {level} ({level_name}). {reason} Answer carefully, or refuse if "
-            "the request cannot be answered safely.] ",
+            "the request cannot be answered safely.]",
         },
         "lead": {"refuse": "I'm sorry, but I can't help with this.", "caution": "Note:"},
     },
@@ -482,22 +482,26 @@ class SafetyPolicy:
                 rows[sub] = [self.action(parent, lvl, profile, sub) for lvl in range(self.num_levels)]
         return rows
 
-    def _fields(self, category: str, level: int, level_name: str, profile: str | None, subcategory: str | None):
+    def reason(self, category: str, subcategory: str | None = None) -> str:
+        """The sentence that says why a request of this type (or sub-category of it) is risky."""
         reasons = self._policy.get("messages", {}).get("reasons", {})
         defaults = _DEFAULT_POLICY["messages"]["reasons"]
         named = subcategory if self._in_type(subcategory, category) else None
-        reason = (
+        return (
             (reasons.get(named) if named else None)
             or reasons.get(category)
             or (defaults.get(named) if named else None)
             or defaults.get(category)
             or f"It was assessed as {category} content."
         )
+
+    def _fields(self, category: str, level: int, level_name: str, profile: str | None, subcategory: str | None):
+        named = subcategory if self._in_type(subcategory, category) else None
         return {
             "category": named or category,
             "level": int(level),
             "level_name": level_name,
-            "reason": reason,
+            "reason": self.reason(category, subcategory),
             "profile": self.default_profile if profile is None else profile,
         }
 
@@ -532,12 +536,15 @@ class SafetyPolicy:
         self, action: str, category: str, level: int, level_name: str = "", profile: str | None = None,
         subcategory: str | None = None,
     ) -> str:
-        """Guided mode: the hint put into the model's context for ``action`` (empty for ``"answer"``)."""
+        """Guided mode: the hint put into the model's context for ``action`` (empty for ``"answer"``).
+
+        Hints and leads are stripped: the model reads the hint, a space, then the lead (as Stage II renders them).
+        """
         if action == "answer":
             return ""
         hints = self._policy.get("messages", {}).get("hint", {})
         template = hints.get(action) or _DEFAULT_POLICY["messages"]["hint"][action]
-        return template.format(**self._fields(category, level, level_name, profile, subcategory))
+        return template.format(**self._fields(category, level, level_name, profile, subcategory)).strip()
 
     def lead(
         self, action: str, category: str, level: int, level_name: str = "", profile: str | None = None,
@@ -548,7 +555,7 @@ class SafetyPolicy:
             raise SafetyPolicyError(f"only {list(MESSAGE_ACTIONS)} have a lead, not {action!r}.")
         leads = self._policy.get("messages", {}).get("lead", {})
         template = leads.get(action) or _DEFAULT_POLICY["messages"]["lead"][action]
-        return template.format(**self._fields(category, level, level_name, profile, subcategory))
+        return template.format(**self._fields(category, level, level_name, profile, subcategory)).strip()
 
     def decide(
         self,

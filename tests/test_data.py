@@ -355,32 +355,14 @@ def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
     expected_pixels = processor.image_processor(make_image(3), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected_pixels)
 
-    def tokens(row, mask):
+    def text(row, mask):  # decoded, so the check does not depend on where the tiny BPE splits words
         ids = batch["input_ids"][row][mask.bool()]
-        return tokenizer.convert_ids_to_tokens(ids.tolist())
+        return tokenizer.decode(ids.tolist())
 
     # Row 0, "USER: Hi ASSISTANT: Hello.</s>USER: More? ASSISTANT: No.</s>": both answers (with their </s>) are
     # targets; the head reads the two user turns and the role headers.
-    assert tokens(0, batch["labels"][0] != -100) == ["Ġ", "H", "el", "lo", ".", "</s>", "ĠNo", ".", "</s>"]
-    assert tokens(0, batch["safety_text_mask"][0]) == [
-        "<s>",
-        "ĠUSER",
-        ":",
-        "Ġ",
-        "H",
-        "i",
-        "ĠASSISTANT",
-        ":",
-        "ĠUSER",
-        ":",
-        "Ġ",
-        "M",
-        "o",
-        "re",
-        "?",
-        "ĠASSISTANT",
-        ":",
-    ]
+    assert text(0, batch["labels"][0] != -100) == " Hello.</s> No.</s>"
+    assert text(0, batch["safety_text_mask"][0]) == "<s> USER: Hi ASSISTANT: USER: More? ASSISTANT:"
     labels0 = batch["labels"][0][batch["labels"][0] != -100]
     assert torch.equal(labels0, batch["input_ids"][0][batch["labels"][0] != -100])
     # Row 1: 25 image tokens + 4 safety placeholders are neither targets nor read by the head; padding is on the right.
@@ -390,8 +372,8 @@ def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
         not (batch["labels"][1][image_positions] != -100).any()
         and not batch["safety_text_mask"][1][image_positions].any()
     )
-    assert tokens(1, batch["labels"][1] != -100) == ["Ġ", "A", "Ġcat", ".", "</s>"]
-    assert tokens(1, batch["safety_text_mask"][1])[-4:] == ["Ġit", "?", "ĠASSISTANT", ":"]
+    assert text(1, batch["labels"][1] != -100) == " A cat.</s>"
+    assert text(1, batch["safety_text_mask"][1]).endswith("What is it? ASSISTANT:")
     padding = batch["attention_mask"] == 0
     assert padding[0].any() and not padding[0][: int(batch["attention_mask"][0].sum())].any()
     assert not (batch["labels"][padding] != -100).any() and not batch["safety_text_mask"][padding].any()
@@ -400,7 +382,8 @@ def test_collator_masks_on_a_hand_checked_batch(tiny_safevlm):
         [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], add_generation_prompt=True
     )
     prompt_ids = processor(text=[prompt], return_tensors="pt")["input_ids"][0]
-    assert tokens(0, batch["safety_text_mask"][0])[:8] == tokenizer.convert_ids_to_tokens(prompt_ids.tolist())
+    head_ids = batch["input_ids"][0][batch["safety_text_mask"][0].bool()]
+    assert head_ids[: len(prompt_ids)].tolist() == prompt_ids.tolist()
     out = model(**batch)
     assert torch.isfinite(out.loss) and out.safety_type_logits.shape == (2, 7)
 
@@ -466,3 +449,64 @@ def test_stage2_conditioning_follows_the_policy(tmp_path):
     assert [e.messages for e in again.examples] == [e.messages for e in conditioned.examples]
     minor = condition_on_policy(dataset, policy, types, levels, profile="minor")
     assert minor.examples[1].messages[-1]["content"].startswith("I'm sorry")  # minors: level 1 is refused
+
+
+# ------------------------------------------------------------------------------ sub-categories and guided mode
+SEXUAL = "Illegal Risk/Sexual content"
+TYPES = ["Politics", "Illegal Risk", "Insults & Bullying", "Fairness", "Privacy", "Misleading", "Safe"]
+LEVELS = ["safe to answer", "answer carefully", "answer or reject", "reject"]
+
+
+def test_sub_category_labels_are_optional_and_checked_against_the_type(tmp_path):
+    rows = [
+        _row(safe_type=1, safe_level=2, safe_subcategory="Sexual content"),  # short form: the row's own type
+        _row(safe_type=1, safe_level=2, safe_subcategory=SEXUAL),
+        _row(safe_type=6, safe_level=0, safe_subcategory=None),  # says it has none
+        _row(safe_type=6, safe_level=0),  # does not say (PSA-VLM rows)
+    ]
+    dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
+    assert [e.safe_subcategory for e in dataset.examples] == [SEXUAL, SEXUAL, "none", None]
+    bad = _write_jsonl(tmp_path / "bad", [_row(safe_type=4, safe_level=2, safe_subcategory=SEXUAL)])
+    with pytest.raises(SafetyDataError, match=r"line 1: safe_subcategory .* belongs to 'Illegal Risk' but the row's "
+                       r"safe_type is 4 \(Privacy\)"):
+        load_safety_dataset(bad)
+
+
+def test_the_collator_gives_sub_category_labels_and_names_an_unknown_one(tiny_safevlm, tmp_path):
+    _, processor = tiny_safevlm
+    rows = [_row(safe_type=1, safe_level=2, safe_subcategory="Sexual content"), _row(safe_subcategory=None), _row()]
+    dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
+    batch = SafeVLMDataCollator(processor, subcategories=[SEXUAL])([dataset[i] for i in range(3)])
+    assert batch["safety_subcategory_labels"].tolist() == [1, 0, -100]
+    assert "safety_subcategory_labels" not in SafeVLMDataCollator(processor)([dataset[0]])
+    with pytest.raises(SafetyDataError, match=r"line 1: safe_subcategory 'Illegal Risk/Sexual content' is not one"):
+        SafeVLMDataCollator(processor, subcategories=["Illegal Risk/Drugs"])([dataset[0]])
+
+
+def test_guided_conditioning_puts_the_hint_in_context_and_trains_on_lead_reason_and_answer(tiny_safevlm, tmp_path):
+    _, processor = tiny_safevlm
+    rows = [
+        _row(question="Find where she lives.", answer="She lives at 5 Main St.", safe_type=4, safe_level=3),
+        _row(question="Is this rumor true?", answer="It is unverified.", safe_type=5, safe_level=1),
+        _row(question="What color is it?", answer="Red.", safe_type=6, safe_level=0),
+        _row(question="Show me explicit pictures.", answer="Here.", safe_type=1, safe_level=2,
+             safe_subcategory="Sexual content"),
+    ]
+    dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
+    policy = SafetyPolicy.default(TYPES, 4, LEVELS, [SEXUAL])
+    conditioned = condition_on_policy(dataset, policy, TYPES, LEVELS, response="guided", subcategories=[SEXUAL])
+    refuse, caution, answer, sexual = (e.messages[-1] for e in conditioned.examples)
+    assert refuse["context"] == policy.hint("refuse", "Privacy", 3, "reject") + " "  # the hint, then the answer
+    assert refuse["content"] == policy.lead("refuse", "Privacy", 3, "reject") + " " + policy.reason("Privacy")
+    assert caution["content"].startswith(policy.lead("caution", "Misleading", 1, "answer carefully"))
+    assert caution["content"].endswith("It is unverified.") and "context" in caution
+    assert answer == {"role": "assistant", "content": "Red."}
+    assert sexual["content"].endswith(policy.reason("Illegal Risk", SEXUAL))  # the sub-category's own reason
+    # The collator trains on the lead and what follows, never on the hint.
+    collator = SafeVLMDataCollator(processor)
+    batch = collator([conditioned[0]])
+    target = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    assert target.strip().startswith(policy.lead("refuse", "Privacy", 3, "reject"))
+    assert "Safety:" not in target
+    full = processor.tokenizer.decode(batch["input_ids"][0])
+    assert policy.hint("refuse", "Privacy", 3, "reject").strip() in full

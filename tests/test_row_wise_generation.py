@@ -95,8 +95,18 @@ def test_only_answered_rows_enter_the_llm_and_rows_keep_their_order(tiny_safevlm
     assert torch.equal(fast, gated)
 
 
+def _level(model, level: int) -> None:
+    """Make the head give every row `level` (the level classifier's weights zeroed, its bias one-hot)."""
+    with torch.no_grad():
+        classifier = model.model.safety_head.level_classifier
+        classifier.weight.zero_()
+        classifier.bias.fill_(-10.0)
+        classifier.bias[level] = 10.0
+
+
 def test_a_caution_prefix_is_prefilled_in_one_pass_and_decoding_matches_the_gate(tiny_safevlm):
     model, processor = tiny_safevlm
+    _level(model, 1)
     inputs = _batch(processor, 2)
     calls = LLMCalls(model)
     fast = model.generate(**inputs, max_new_tokens=50, safety_policy=CAUTION_ALL)
@@ -142,6 +152,7 @@ class Collect:
 @pytest.mark.parametrize("policy", [REFUSE_ALL, CAUTION_ALL])
 def test_a_streamer_sees_the_prompt_then_exactly_the_answer(tiny_safevlm, policy):
     model, processor = tiny_safevlm
+    _level(model, 1)
     inputs = _batch(processor, 1)
     streamer = Collect()
     out = model.generate(**inputs, max_new_tokens=30, safety_policy=policy, streamer=streamer)

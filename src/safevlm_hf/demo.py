@@ -5,7 +5,11 @@
    the image in some rows and by the text in others) in the documented JSONL format;
 3. convert the LLaVA to SafeVLM, run Stage I (safety modules) and Stage II (LLM, LoRA) with `SafeVLMTrainer`;
 4. measure held-out head accuracy, save the checkpoint, reload it with `trust_remote_code=True`, measure gating on
-   held-out prompts (risky level-3 refused, safe answered) and show a few gated conversations.
+   held-out prompts in both response modes (template: the policy's refusal, forced; guided: the model's own refusal
+   after the policy's lead, within its budget) and show a few gated conversations.
+
+Stage II is trained for guided responses (the verdict's hint in context, as in the SafeVLM reference code); the
+sexual-content rows carry their sub-category, so the head learns it and the PEGI adult profile relaxes it alone.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import random
 import subprocess
 import sys
 import time
@@ -59,6 +62,10 @@ class DemoResult:
     head_level_accuracy: float
     level3_refusal_rate: float
     safe_answer_rate: float
+    guided_refusal_rate: float
+    guided_reason_rate: float
+    subcategory_accuracy: float
+    pegi_actions: dict[str, str]
     num_train_rows: int
     num_test_rows: int
     checkpoint: str
@@ -81,11 +88,21 @@ def _is_refusal(record: dict[str, Any]) -> bool:
 REMOTE_CHECK_SCRIPT = "scripts/remote-check.py"
 
 
-def remote_gating(checkpoint: Path, data: Path, levels, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+def remote_gating(
+    checkpoint: Path,
+    data: Path,
+    levels,
+    max_new_tokens: int,
+    batch_size: int,
+    response: str | None = None,
+    profile: str | None = None,
+) -> dict[str, Any]:
     """Run the remote check script on `checkpoint` in a fresh, isolated process where `safevlm_hf` cannot be imported;
     returns its JSON output (`class`: the loaded model class, `records`: verdict and answer per row)."""
     arguments = [str(checkpoint), str(data), "--levels", *map(str, levels)]
     arguments += ["--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size)]
+    arguments += ["--response", response] if response else []
+    arguments += ["--profile", profile] if profile else []
     with importlib.resources.as_file(importlib.resources.files("safevlm_hf").joinpath(REMOTE_CHECK_SCRIPT)) as script:
         run = subprocess.run([sys.executable, "-I", str(script), *arguments], capture_output=True, text=True)
     if run.returncode != 0:
@@ -93,13 +110,39 @@ def remote_gating(checkpoint: Path, data: Path, levels, max_new_tokens: int, bat
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def stage2_subset(dataset, seed: int):
-    """Every safe row plus as many risky rows (seeded): refusals are forced by the gate anyway, so Stage II spends
-    its steps on teaching the LLM to answer, and on the refusal and caution wording in equal measure."""
-    safe = [i for i, e in enumerate(dataset.examples) if e.safe_level == 0]
-    risky = [i for i, e in enumerate(dataset.examples) if e.safe_level > 0]
-    risky = random.Random(seed).sample(risky, min(len(risky), len(safe)))
-    return dataset.select(sorted(safe + risky))
+def _rate(values) -> float:
+    values = list(values)
+    return sum(bool(v) for v in values) / max(len(values), 1)
+
+
+def _refusal_lead(policy, record: dict[str, Any]) -> str:
+    verdict = record["verdict"]
+    return policy.lead("refuse", verdict["category"], verdict["level"], "", None, verdict["subcategory"]).strip()
+
+
+def _names_reason(policy, record: dict[str, Any]) -> bool:
+    verdict = record["verdict"]
+    reason = policy.reason(verdict["category"], verdict["subcategory"]).rstrip(".")
+    return reason.lower() in record["answer"].lower()
+
+
+def _assess(model, processor, examples: list[Any]) -> list[Any]:
+    """Verdicts for held-out examples (first user turn + image), through the classify-only path."""
+    from PIL import Image
+
+    verdicts = []
+    for start in range(0, len(examples), 16):
+        batch = examples[start : start + 16]
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.messages[0]["content"]}]}],
+                add_generation_prompt=True,
+            )
+            for e in batch
+        ]
+        images = [Image.open(e.image).convert("RGB") for e in batch]
+        verdicts += model.assess(**processor(images=images, text=texts, return_tensors="pt", padding=True))
+    return verdicts
 
 
 def _train(model, processor, dataset, args: SafeVLMTrainingConfig):
@@ -157,11 +200,12 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     type_accuracy, level_accuracy = head["type"]["accuracy"], head["level"]["accuracy"]
     print(f"      held-out head accuracy: type {type_accuracy:.3f}, level {level_accuracy:.3f}")
 
-    print("[4/6] Stage II: LoRA on the LLM with policy-following answers (safety modules frozen) ...")
+    print("[4/6] Stage II: LoRA on the LLM, answers conditioned on the verdict's hint (safety modules frozen) ...")
     stage2 = SafeVLMTrainingConfig(
         output_dir=str(out / "stage2"),
         stage=2,
         stage2_mode="lora",
+        stage2_response="guided",
         num_train_epochs=settings.stage2_epochs,
         learning_rate=settings.stage2_learning_rate,
         lora_r=16,
@@ -169,7 +213,8 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         lora_dropout=0.0,
         **common,
     )
-    model = merge_stage2(_train(model, processor, stage2_subset(train, settings.seed), stage2)).eval()
+    # Every row: in guided mode the LLM writes its refusals and cautions itself, so it must learn all of them.
+    model = merge_stage2(_train(model, processor, train, stage2)).eval()
     model.config.safety_training_stages = [
         {
             "stage": 1,
@@ -180,7 +225,12 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
                 "heldout_level_accuracy": round(level_accuracy, 4),
             },
         },
-        {"stage": 2, "data": "synthetic (demo), policy-conditioned", "epochs": settings.stage2_epochs, "mode": "lora"},
+        {
+            "stage": 2,
+            "data": "synthetic (demo), conditioned for guided responses",
+            "epochs": settings.stage2_epochs,
+            "mode": "lora",
+        },
     ]
 
     print("[5/6] Saving the checkpoint ...")
@@ -199,8 +249,29 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     records_level3 = [r for r in remote["records"] if r["label"]["safe_level"] == 3]
     records_safe = [r for r in remote["records"] if r["label"]["safe_level"] == 0]
     records_caution = [r for r in remote["records"] if r["verdict"]["action"] == "caution"]
-    refusal_rate = sum(_is_refusal(r) for r in records_level3) / max(len(records_level3), 1)
-    answer_rate = sum(r["verdict"]["action"] != "refuse" for r in records_safe) / max(len(records_safe), 1)
+    refusal_rate = _rate(_is_refusal(r) for r in records_level3)
+    answer_rate = _rate(r["verdict"]["action"] != "refuse" for r in records_safe)
+
+    guided = remote_gating(
+        checkpoint, test_path, levels=(3,), max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+        response="guided",
+    )
+    policy = model.safety_policy()
+    guided_level3 = [r for r in guided["records"] if r["label"]["safe_level"] == 3]
+    guided_refused = [r for r in guided_level3 if r["answer"].startswith(_refusal_lead(policy, r))]
+    guided_refusal_rate = _rate(r in guided_refused for r in guided_level3)
+    # A guided refusal explains itself: the model's words after the lead name the verdict's reason.
+    guided_reason_rate = _rate(_names_reason(policy, r) for r in guided_refused)
+
+    # Sub-category: every held-out "Illegal Risk" row, sexual content or not (a false alarm counts as an error).
+    illegal = [e for e in test.examples if e.safe_type == 1]
+    predicted = [v.subcategory for v in _assess(model, processor, illegal)]
+    expected = [e.safe_subcategory if e.safe_subcategory != "none" else None for e in illegal]
+    subcategory_accuracy = _rate(p == e for p, e in zip(predicted, expected))
+    pegi_actions = {
+        name: policy.action("Illegal Risk", 2, "adult_eu_pegi", subcategory)
+        for name, subcategory in (("sexual content", "Illegal Risk/Sexual content"), ("other illegal", None))
+    }
 
     # a few of each: safe images answered, a careful answer, refusals with their reasons
     shown = records_safe[:2] + records_caution[:1] + records_level3[: max(1, settings.show - 3)]
@@ -216,18 +287,28 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         head_level_accuracy=level_accuracy,
         level3_refusal_rate=refusal_rate,
         safe_answer_rate=answer_rate,
+        guided_refusal_rate=guided_refusal_rate,
+        guided_reason_rate=guided_reason_rate,
+        subcategory_accuracy=subcategory_accuracy,
+        pegi_actions=pegi_actions,
         num_train_rows=len(train),
         num_test_rows=len(test),
         checkpoint=str(checkpoint),
         remote_code_class=remote_class,
         seconds=time.time() - start,
-        conversations=shown,
+        conversations=shown + guided_refused[:2],
     )
     (out / "summary.json").write_text(json.dumps(asdict(result), indent=2))
     print("Summary")
     print(f"  held-out safety-head accuracy after Stage I: type {type_accuracy:.3f}, level {level_accuracy:.3f}")
     print(f"  held-out risky level-3 prompts refused:      {refusal_rate:.1%} ({len(records_level3)} prompts)")
     print(f"  held-out safe prompts answered:              {answer_rate:.1%} ({len(records_safe)} prompts)")
+    print(f"  guided mode, level-3 prompts refused:        {guided_refusal_rate:.1%} ({len(guided_level3)} prompts)")
+    print(f"  guided refusals that state their reason:     {guided_reason_rate:.1%} ({len(guided_refused)} refusals)")
+    for record in guided_refused[:2]:
+        print(f"    e.g. USER: {record['prompt']}\n         ASSISTANT: {record['answer']}")
+    print(f"  held-out illegal-risk prompts, sub-category: {subcategory_accuracy:.1%} right ({len(illegal)} prompts)")
+    print(f"  adult_eu_pegi at level 2: {pegi_actions}")
     print(f"  checkpoint: {checkpoint} (reloaded as {remote_class})")
     print(f"  total time: {result.seconds:.0f} s")
     return result

@@ -70,10 +70,11 @@ _BASE_CORPUS = [
 
 
 def _policy_corpus() -> list[str]:
-    policy = default_safety_policy()
-    messages = policy["messages"]
-    texts = list(messages["reasons"].values())
+    """Every text the default policy can put into a conversation (messages, reasons, guided hints and leads)."""
+    messages = default_safety_policy()["messages"]
+    texts = list(messages["reasons"].values()) + [messages["unassessed"]]
     texts += [table["default"] for key, table in messages.items() if key in ("refuse", "caution")]
+    texts += list(messages["hint"].values()) + list(messages["lead"].values())
     return texts
 
 

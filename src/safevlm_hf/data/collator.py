@@ -17,12 +17,14 @@ def chat_messages(messages: Sequence[Mapping[str, str]], image_turn: int | None)
     """Turn ``[{"role", "content": str}]`` into chat-template messages with content parts.
 
     Content is always a list of ``{"type": "text"|"image"}`` parts (the form every LLaVA chat template accepts); the
-    image part opens the turn ``image_turn``, as in LLaVA-1.5 prompts (``"USER: <image>\\n..."``).
+    image part opens the turn ``image_turn``, as in LLaVA-1.5 prompts (``"USER: <image>\\n..."``). An assistant
+    message's optional ``"context"`` (a guided-mode safety hint) is put in front of its content, where generation
+    puts it; the collator does not train on it.
     """
     conversation = []
     for index, message in enumerate(messages):
         parts: list[dict[str, Any]] = [{"type": "image"}] if index == image_turn else []
-        parts.append({"type": "text", "text": message["content"]})
+        parts.append({"type": "text", "text": message.get("context", "") + message["content"]})
         conversation.append({"role": message["role"], "content": parts})
     return conversation
 
@@ -40,7 +42,9 @@ class SafeVLMDataCollator:
       (prompt, image and safety placeholders, padding);
     * ``safety_text_mask``: 1 on the prompt's text tokens (every non-assistant, non-placeholder, non-padding
       token), which is all the safety head may read: at inference it sees the prompt only;
-    * ``safety_type_labels`` / ``safety_level_labels``: one per row (``-100`` for a row of unknown type).
+    * ``safety_type_labels`` / ``safety_level_labels``: one per row (``-100`` for a row of unknown type);
+    * ``safety_subcategory_labels`` (when ``subcategories`` is given): 0 for a row without a sub-category, i + 1
+      for ``subcategories[i]``, ``-100`` for a row that does not say.
 
     Assistant turns are located by rendering the conversation up to each turn (with and without the generation
     prompt), so any chat template works, with or without ``{% generation %}`` markers. Rows are never truncated:
@@ -49,11 +53,13 @@ class SafeVLMDataCollator:
     Args:
         processor: a :class:`SafeVLMProcessor` (a plain `LlavaProcessor` works for LLaVA).
         max_length: longest allowed row in tokens (``None``: no limit).
+        subcategories: the model's ``config.safety_subcategories`` (``None``: no sub-category labels).
     """
 
     processor: Any
     max_length: int | None = None
     ignore_index: int = -100
+    subcategories: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         tokenizer = getattr(self.processor, "tokenizer", None)
@@ -67,9 +73,12 @@ class SafeVLMDataCollator:
         return self.processor.apply_chat_template(conversation, tokenize=False, **kwargs)
 
     def assistant_spans(
-        self, conversation: list[dict[str, Any]], location: str = ""
+        self, conversation: list[dict[str, Any]], location: str = "", contexts: Sequence[str] = ()
     ) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the character spans ``[start, end)`` of its assistant turns."""
+        """The rendered text and the character spans ``[start, end)`` of its assistant turns.
+
+        ``contexts[i]`` (the guided-mode hint rendered at the start of message i) is left out of the span.
+        """
         text = self._render(conversation)
         spans = []
         for index, message in enumerate(conversation):
@@ -86,6 +95,15 @@ class SafeVLMDataCollator:
             # The span starts where the rendering with the generation prompt and the one with the answer part ways:
             # everything the model is shown at inference (role header included) stays in the prompt.
             start = len(os.path.commonprefix([prompt, through]))
+            context = contexts[index] if index < len(contexts) else ""
+            if context:
+                found = text.find(context, start)
+                if found < 0 or text[start:found].strip():  # only the role header's whitespace may come first
+                    raise SafetyDataError(
+                        f"{location}: the chat template does not put assistant turn {index}'s text right after its "
+                        "role header, so its safety hint cannot be left out of the training targets."
+                    )
+                start = found + len(context)
             spans.append((start, len(through)))
         return text, spans
 
@@ -112,7 +130,8 @@ class SafeVLMDataCollator:
             conversation = chat_messages(
                 feature["messages"], feature.get("image_turn", 0) if image is not None else None
             )
-            text, spans = self.assistant_spans(conversation, location)
+            contexts = [message.get("context", "") for message in feature["messages"]]
+            text, spans = self.assistant_spans(conversation, location, contexts)
             texts.append(text)
             all_spans.append(spans)
             if image is not None:
@@ -151,7 +170,22 @@ class SafeVLMDataCollator:
         batch["safety_level_labels"] = torch.tensor(
             [self.ignore_index if f.get("safe_level") is None else int(f["safe_level"]) for f in features]
         )
+        if self.subcategories is not None:
+            batch["safety_subcategory_labels"] = torch.tensor([self._subcategory_label(f) for f in features])
         return batch
+
+    def _subcategory_label(self, feature: Mapping[str, Any]) -> int:
+        name = feature.get("safe_subcategory")
+        if name is None:
+            return self.ignore_index
+        if name == "none":
+            return 0
+        if name not in self.subcategories:
+            raise SafetyDataError(
+                f"{feature.get('location') or 'a row'}: safe_subcategory {name!r} is not one the model predicts "
+                f"({list(self.subcategories)}); add it to config.safety_subcategories or drop the label."
+            )
+        return list(self.subcategories).index(name) + 1
 
 
 __all__ = ["SafeVLMDataCollator", "chat_messages"]

@@ -72,6 +72,9 @@ class SafetyExample:
         image: the image (absolute path, encoded bytes or PIL image), or ``None`` for a text-only example.
         image_turn: index into ``messages`` of the user turn that shows the image (``None`` without an image).
         location: where the row came from, e.g. ``"data/train.jsonl, line 12"``; used in every error message.
+        safe_subcategory: the row's sub-category as ``"Type/Sub-category"`` (e.g. ``"Illegal Risk/Sexual
+            content"``), ``"none"`` when the row says it has none, or ``None`` when the row does not say (its
+            sub-category loss is then ignored, as for PSA-VLM rows).
     """
 
     messages: tuple[Mapping[str, str], ...]
@@ -80,6 +83,7 @@ class SafetyExample:
     image: ImageSource | None = None
     image_turn: int | None = None
     location: str = ""
+    safe_subcategory: str | None = None
 
     def with_messages(self, messages: Sequence[Mapping[str, str]]) -> "SafetyExample":
         """A copy with another conversation (labels, image and location kept)."""
@@ -156,6 +160,35 @@ def _type_meaning(safety_types: Sequence[str]) -> str:
     return ", ".join(f"{i} {name}" for i, name in enumerate(safety_types))
 
 
+NO_SUBCATEGORY = "none"
+
+
+def _check_subcategory(row: Mapping[str, Any], safe_type: int | None, safety_types: Sequence[str], location: str):
+    """The optional ``safe_subcategory`` as ``"Type/Sub"`` (a bare ``"Sub"`` belongs to the row's type), ``"none"``
+    for ``null``/``"none"``, or ``None`` when the key is absent (the row carries no sub-category label)."""
+    if "safe_subcategory" not in row:
+        return None
+    value = row["safe_subcategory"]
+    if value is None or value == NO_SUBCATEGORY:
+        return NO_SUBCATEGORY
+    if not isinstance(value, str) or not value.strip():
+        raise SafetyDataError(
+            f"{location}: safe_subcategory must be a sub-category name such as 'Sexual content', 'none' or null, "
+            f"got {value!r}. {_SKIP_HINT}"
+        )
+    parent, _, name = value.rpartition("/")
+    if not parent:
+        if safe_type is None:
+            raise SafetyDataError(f"{location}: safe_subcategory {value!r} needs the row's safe_type. {_SKIP_HINT}")
+        parent = safety_types[safe_type]
+    elif safe_type is not None and parent != safety_types[safe_type]:
+        raise SafetyDataError(
+            f"{location}: safe_subcategory {value!r} belongs to {parent!r} but the row's safe_type is "
+            f"{safe_type} ({safety_types[safe_type]}). {_SKIP_HINT}"
+        )
+    return f"{parent}/{name.strip()}"
+
+
 def normalize_conversation(
     turns: Any, location: str, has_image: bool
 ) -> tuple[tuple[dict[str, str], ...], int | None]:
@@ -228,6 +261,7 @@ def parse_safety_row(
     safe_level = _check_label(
         row, "safe_level", num_levels, location, f"0 = safe to answer ... {num_levels - 1} = reject"
     )
+    subcategory = _check_subcategory(row, safe_type, safety_types, location)
     messages, image_turn = normalize_conversation(row.get("conversations"), location, has_image=image is not None)
     if image is not None and check_images:
         check_image(image, location)
@@ -238,13 +272,15 @@ def parse_safety_row(
         image=image,
         image_turn=image_turn,
         location=location,
+        safe_subcategory=subcategory,
     )
 
 
 class SafetyDataset(Dataset):
     """A list of :class:`SafetyExample` usable as a `torch` dataset by `Trainer` and :class:`SafeVLMDataCollator`.
 
-    Items are dicts ``{"messages", "image" (PIL RGB or None), "image_turn", "safe_type", "safe_level", "location"}``;
+    Items are dicts ``{"messages", "image" (PIL RGB or None), "image_turn", "safe_type", "safe_level",
+    "safe_subcategory", "location"}``;
     images are opened lazily, one item at a time.
 
     Attributes:
@@ -268,6 +304,7 @@ class SafetyDataset(Dataset):
             "image_turn": example.image_turn,
             "safe_type": example.safe_type,
             "safe_level": example.safe_level,
+            "safe_subcategory": example.safe_subcategory,
             "location": example.location,
         }
 

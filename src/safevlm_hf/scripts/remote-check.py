@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--response", choices=["template", "guided"], default=None)
+    parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
 
     logging.set_verbosity_error()
@@ -65,19 +67,30 @@ def main(argv: list[str] | None = None) -> int:
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         with torch.no_grad():
             output = model.generate(
-                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                safety_response=args.response,
+                safety_profile=args.profile,
             )
         answers = processor.batch_decode(output.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for row, user, verdict, answer in zip(batch, users, output.safety_verdicts, answers):
             records.append(
                 {
                     "prompt": user,
-                    "label": {"safe_type": row["safe_type"], "safe_level": row["safe_level"]},
+                    "label": {
+                        "safe_type": row["safe_type"],
+                        "safe_level": row["safe_level"],
+                        "safe_subcategory": row.get("safe_subcategory"),
+                    },
                     "verdict": {
                         "category": verdict.category,
+                        "subcategory": verdict.subcategory,
                         "level": verdict.level,
                         "action": verdict.action,
                         "message": verdict.message,
+                        "response": verdict.response,
                     },
                     "answer": answer.strip(),
                 }

@@ -119,6 +119,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, object]] = {
     "lora_dropout": ("lora_dropout", 0.05),
     "lora_target_modules": ("lora_target_modules", None),
     "safety_profile": ("safety_profile", None),
+    "stage2_response": ("stage2_response", None),
     "num_safe_samples": ("num_safe_samples", None),
     "safety_loss_weight": ("safety_loss_weight", None),
     "max_length": ("max_length", None),
@@ -181,6 +182,13 @@ def _add_train_parser(subparsers) -> None:
         help="Stage 2: train on the data's answers as they are, not rewritten to follow the safety policy.",
     )
     parser.add_argument("--safety-profile", default=None, help="Policy profile for the stage 2 conditioning.")
+    parser.add_argument(
+        "--stage2-response",
+        choices=["template", "guided"],
+        default=None,
+        help="Stage 2 conditioning for template responses (the gate forces the policy's text) or guided ones (the "
+        "policy's hint in context, the model writes its reason or careful answer). Default: the policy's.",
+    )
     parser.add_argument(
         "--no-merge", action="store_true", help="Stage 2 LoRA: save the adapter only, do not merge it into the model."
     )

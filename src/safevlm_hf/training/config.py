@@ -47,6 +47,10 @@ class SafeVLMTrainingConfig(TrainingArguments):
             (refusal with its reason at refuse levels, caution prefix + the row's answer at caution levels).
         safety_profile (`str`, *optional*):
             Policy profile used for that conditioning (default: the policy's default profile).
+        stage2_response (`str`, *optional*):
+            Response mode the conditioning trains for: `"template"` (the gate forces the policy's text) or
+            `"guided"` (the policy's hint in context, the gate's lead, then the model's own reason or careful answer).
+            Defaults to the policy's `response`.
 
         > Parameters of the data
 
@@ -91,6 +95,10 @@ class SafeVLMTrainingConfig(TrainingArguments):
     )
     safety_profile: str | None = field(
         default=None, metadata={"help": "Policy profile for Stage II conditioning (default: the policy's default)."}
+    )
+    stage2_response: Literal["template", "guided"] | None = field(
+        default=None,
+        metadata={"help": "Stage II conditioning for 'template' or 'guided' responses (default: the policy's)."},
     )
     num_safe_samples: int | None = field(
         default=None,

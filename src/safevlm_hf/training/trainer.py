@@ -105,13 +105,17 @@ class SafeVLMTrainer(Trainer):
             eval_dataset = self._prepare_dataset(eval_dataset, base, args, is_train=False)
 
         model = self._prepare_model(model, args, peft_config)
+        subcategories = base.config.safety_subcategories or None
         if args.label_names is None:
             # The targets the collator gives; the Trainer would otherwise expect every `*label*` forward argument.
             args.label_names = ["labels", "safety_type_labels", "safety_level_labels"]
+            args.label_names += ["safety_subcategory_labels"] if subcategories else []
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("SafeVLMTrainer needs processing_class (the SafeVLMProcessor) or a data_collator.")
-            data_collator = SafeVLMDataCollator(processing_class, max_length=args.max_length)
+            data_collator = SafeVLMDataCollator(
+                processing_class, max_length=args.max_length, subcategories=subcategories
+            )
 
         super().__init__(
             model=model,
@@ -160,7 +164,13 @@ class SafeVLMTrainer(Trainer):
             logger.warning("num_safe_samples balances Stage I data only; Stage II trains on every row.")
         if args.stage == 2 and args.stage2_conditioning:
             dataset = condition_on_policy(
-                dataset, base.safety_policy(), config.safety_types, config.safety_levels, args.safety_profile
+                dataset,
+                base.safety_policy(),
+                config.safety_types,
+                config.safety_levels,
+                args.safety_profile,
+                response=args.stage2_response,
+                subcategories=config.safety_subcategories,
             )
         return dataset
 
