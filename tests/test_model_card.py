@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers.pipelines import SUPPORTED_TASKS
 
-from safevlm_hf import SafeVLMConfig, SafetyPolicy
+from safevlm_hf import SafeVLMConfig
 from safevlm_hf.hub.model_card import (
     GENERATED_MARKER,
     REPO_ID_PLACEHOLDER,
@@ -155,7 +155,7 @@ def test_policy_tables_match_the_config(tiny_llava_pair, taxonomy):
             safety_levels=["fine", "careful", "never"],
             safety_policy=CUSTOM_POLICY,
         )
-    policy = SafetyPolicy.coerce(config.safety_policy, config.safety_types, len(config.safety_levels))
+    policy = config.bound_safety_policy()  # bound to the config's labels, sub-categories included
     card = render_model_card(config)
 
     types = _markdown_table(card, "## Safety taxonomy")
@@ -173,6 +173,10 @@ def test_policy_tables_match_the_config(tiny_llava_pair, taxonomy):
         for risk_type, actions in policy.action_table(profile, config.safety_types).items()
     }
     assert parsed == expected and len(rows) == len(expected)
+    if taxonomy != "custom":  # a sub-category has its own row: the PEGI adult profile relaxes it, and nothing else
+        assert parsed[("adult_eu_pegi", "Illegal Risk/Sexual content")] == ["answer", "caution", "caution", "refuse"]
+        assert parsed[("adult_eu_pegi", "Illegal Risk")] == ["answer", "refuse", "refuse", "refuse"]
+        assert parsed[("default", "Illegal Risk/Sexual content")] == ["answer", "refuse", "refuse", "refuse"]
 
     profiles = _markdown_table(card, "### Profiles")[1:]
     assert [row[0].split()[0].strip("`") for row in profiles] == policy.profiles

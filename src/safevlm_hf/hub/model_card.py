@@ -355,7 +355,6 @@ def _policy_section(policy: SafetyPolicy, types: list[str], levels: list[str]) -
             action_rows.append([name, risk_type, *actions])
     level_headers = [f"Level {i}: {level}" for i, level in enumerate(levels)]
     messages = policy_dict.get("messages", {})
-    reasons = messages.get("reasons", {})
     templates = [
         [action, messages.get(action, {}).get("default", "(built-in default)")] for action in ("refuse", "caution")
     ]
@@ -366,13 +365,20 @@ def _policy_section(policy: SafetyPolicy, types: list[str], levels: list[str]) -
             f"(risk type, level, profile) to one of {', '.join(f'`{a}`' for a in ACTIONS)}:",
             "- `answer`: the model answers freely;\n"
             "- `caution`: a short prefix that names the risk is forced, then the model continues freely;\n"
-            "- `refuse`: a refusal message that spells out the reason is forced, then the end of the answer.",
-            f"The highest level ({len(levels) - 1}) is always refused; no profile can relax it.",
+            "- `refuse`: a refusal message that spells out the reason is forced, then the end of the answer;\n"
+            "- `decide` (guided responses only; a refusal otherwise): the model chooses between answering carefully "
+            "and refusing.",
+            f"The highest level ({len(levels) - 1}) is always refused; no profile can relax it. Responses are "
+            f"`{policy.response}` by default (`generate(safety_response=...)` picks per call): `template` forces the "
+            "messages below; `guided` puts the verdict's hint in the context and forces a short lead, then the model "
+            "explains (a refusal ends within "
+            f"{policy.refusal_budget} tokens).",
             "### Profiles",
             _table(["Profile", "Extends", "Region", "Audience", "Description"], profile_rows),
             "### Actions by profile",
             "Each row gives the action for one profile and risk type at every level (per-type rules, then the "
-            "profile's own rules, applied over the generic level table).",
+            "profile's own rules, applied over the generic level table). A `Type/Sub-category` row applies when the "
+            "head predicts that sub-category of the type; its rules beat the type's, and relax nothing else.",
             _table(["Profile", "Risk type", *level_headers], action_rows),
             "### Messages",
             "Templates of the forced text (`{reason}`, `{category}`, `{level}`, `{level_name}`, `{profile}` are "
@@ -380,7 +386,10 @@ def _policy_section(policy: SafetyPolicy, types: list[str], levels: list[str]) -
             _table(["Action", "Template"], templates),
             _table(
                 ["Risk type", "Reason given"],
-                [[t, reasons.get(t, f"It was assessed as {t} content.")] for t in types],
+                [
+                    [t, policy.reason(t.split("/", 1)[0], t if "/" in t else None)]
+                    for t in [*types, *(policy.subcategories or ())]
+                ],
             ),
         ]
     )
@@ -493,7 +502,8 @@ def render_model_card(
     base_model = base_model or _hub_model_id(getattr(config, "safety_base_model", None))
     types = list(config.safety_types)
     levels = list(config.safety_levels)
-    policy = SafetyPolicy.coerce(config.safety_policy, types, len(levels))
+    subcategories = list(getattr(config, "safety_subcategories", None) or [])
+    policy = SafetyPolicy.coerce(config.safety_policy, types, len(levels), levels, subcategories)
     stages = _training_stages(config, training_stages)
     eval_entries, eval_settings = _eval_entries(eval_results) if eval_results is not None else ([], {})
     model_name = repo_id.split("/")[-1] if repo_id else "SafeVLM"
