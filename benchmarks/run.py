@@ -119,6 +119,64 @@ def counters(models: BenchModels) -> dict[str, ForwardCounter]:
 
 
 # ------------------------------------------------------------------------------------------------------ sections
+def bench_refusal_costs(models: BenchModels, run: RunSettings) -> dict:
+    """What a refusal and a caution cost now that refused rows skip the LLM and caution prefixes are prefilled.
+
+    * an all-refused batch: gated ``generate`` vs the verdict alone (``assess``) and vs the base LLaVA's ``generate``,
+      on the same ``batch_size`` rows and ``batch_new_tokens``; LLM forwards counted with hooks (0 expected);
+    * a cautioned row: ``generate`` up to its first free token (the prefix prefilled, then one token) vs the base
+      LLaVA's prefill of the same prompt.
+    """
+    llava, safe = models.llava, models.safevlm
+    shape = models.shape
+    base_in = make_inputs(models.llava_processor, shape, run.batch_size)
+    safe_in = make_inputs(models.safevlm_processor, shape, run.batch_size)
+    force_levels(safe, safe_in, [LEVEL_REJECT] * run.batch_size)
+    refuse_all = default_safety_policy()
+    refuse_all["levels"] = {str(level): "refuse" for level in range(4)}
+    kwargs = generate_kwargs(run.batch_new_tokens)
+    batch = {
+        "safevlm_all_refused": lambda: safe.generate(**safe_in, **kwargs, safety_policy=refuse_all),
+        "safevlm_assess": lambda: safe.assess(**safe_in, safety_policy=refuse_all),
+        "llava_generate": lambda: llava.generate(**base_in, **kwargs),
+    }
+    seconds = interleaved(batch, rounds=run.batch_rounds, warmup=run.warmup)
+    count = counters(models)["safevlm"]
+    with count.counting() as counted:
+        batch["safevlm_all_refused"]()
+    llm_calls = dict(counted).get("llm", 0)
+
+    one_base = make_inputs(models.llava_processor, shape, 1)
+    one_safe = make_inputs(models.safevlm_processor, shape, 1)
+    force_levels(safe, one_safe, [1])  # a level-1 verdict, cautioned under this per-call policy
+    caution_all = default_safety_policy()
+    caution_all.update(levels={"0": "caution", "1": "caution", "2": "caution", "3": "refuse"}, types={})
+    verdict = safe.assess(**one_safe, safety_policy=caution_all)[0]
+    prefix = len(models.tokenizer.encode(verdict.message, add_special_tokens=False))
+    first_free = dict(generate_kwargs(prefix + 1), min_new_tokens=prefix + 1)
+    caution = {
+        "safevlm_caution_first_free_token": lambda: safe.generate(**one_safe, **first_free, safety_policy=caution_all),
+        "llava_prefill": lambda: llava(**one_base, use_cache=True, logits_to_keep=1),
+    }
+    caution_seconds = interleaved(caution, rounds=run.prefill_rounds, warmup=run.warmup)
+    force_levels(safe, one_safe, [LEVEL_ANSWER])  # restore for later sections
+    return {
+        "batch_size": run.batch_size,
+        "max_new_tokens": run.batch_new_tokens,
+        "seconds": {name: median(values) for name, values in {**seconds, **caution_seconds}.items()},
+        "llm_forward_calls_all_refused": llm_calls,
+        "all_refused_vs_verdict": RatioStats.of(seconds["safevlm_all_refused"], seconds["safevlm_assess"]).to_dict(),
+        "all_refused_vs_llava_generate": RatioStats.of(
+            seconds["safevlm_all_refused"], seconds["llava_generate"]
+        ).to_dict(),
+        "caution_prefix_tokens": prefix,
+        "caution_action": verdict.action,
+        "caution_first_free_token_vs_llava_prefill": RatioStats.of(
+            caution_seconds["safevlm_caution_first_free_token"], caution_seconds["llava_prefill"]
+        ).to_dict(),
+    }
+
+
 def bench_prefill_and_verdict(models: BenchModels, run: RunSettings, base_in: dict, safe_in: dict) -> dict:
     """Prefill (what generate's first step runs: vision, LLM with cache, lm_head on the last position; SafeVLM adds
     the safety head) of both models, and SafeVLM's classify-only paths, interleaved."""
@@ -566,6 +624,7 @@ def build_table(results: dict) -> list[dict[str, str]]:
     """The summary rows: what is compared, the measured ratio, counted FLOPs, the analytic floor and the target."""
     p, d, g = results["prefill_verdict"], results["decode"], results["gate"]
     m, e, b, t = results["memory"], results["external_guard"], results["mixed_batch"], results["training"]
+    r = results["refusal_costs"]
     ds = results["decode_steps"]
     batch_key = f"batch_{b['batch_size']}"
     mid, big = results["floors"]["mid"], results["floors"]["llava-1.5-7b"]
@@ -693,23 +752,40 @@ def build_table(results: dict) -> list[dict[str, str]]:
             "target": "-",
         },
         {
-            "figure": f"Mixed batch of {b['batch_size']} (half refused), delivered tokens/s, SafeVLM vs LLaVA",
-            "measured": f"{b['safevlm_half_refused']['delivered_tokens_per_s']:.1f} / "
-            f"{b['llava']['delivered_tokens_per_s']:.1f} tok/s",
-            "ratio": f"wall {ratio_cell(b['wall_ratio_half_refused_vs_llava'])}; step "
-            f"{ratio_cell(b['step_ratio_half_refused_vs_llava'])}",
+            "figure": f"All-refused batch of {r['batch_size']}: gated generate / time to verdict (`assess`)",
+            "measured": f"{r['seconds']['safevlm_all_refused'] * 1e3:.0f} / {r['seconds']['safevlm_assess'] * 1e3:.0f} ms "
+            f"(LLM forwards: {r['llm_forward_calls_all_refused']})",
+            "ratio": ratio_cell(r["all_refused_vs_verdict"]),
             "flops": "-",
             "floor": "-",
-            "target": "-",
+            "target": targets["refused_vs_verdict"]["text"],
         },
         {
-            "figure": f"Batch of {b['batch_size']}, all refused: wall time SafeVLM / LLaVA",
-            "measured": f"{b['safevlm_all_refused']['wall_s'] * 1e3:.0f} / {b['llava']['wall_s'] * 1e3:.0f} ms "
-            f"({max(b['safevlm_all_refused']['delivered_tokens'])} vs {b['max_new_tokens']} steps)",
-            "ratio": ratio_cell(b["wall_ratio_all_refused_vs_llava"]),
+            "figure": f"All-refused batch of {r['batch_size']}: SafeVLM / base LLaVA generate ({r['max_new_tokens']} tokens)",
+            "measured": f"{r['seconds']['safevlm_all_refused'] * 1e3:.0f} / {r['seconds']['llava_generate'] * 1e3:.0f} ms",
+            "ratio": ratio_cell(r["all_refused_vs_llava_generate"]),
             "flops": "-",
             "floor": "-",
-            "target": "-",
+            "target": targets["refused_vs_llava"]["text"],
+        },
+        {
+            "figure": f"Mixed batch of {b['batch_size']} (half refused): delivered tokens/s SafeVLM / LLaVA",
+            "measured": f"{b['safevlm_half_refused']['delivered_tokens_per_s']:.1f} / "
+            f"{b['llava']['delivered_tokens_per_s']:.1f} tok/s",
+            "ratio": f"{b['safevlm_half_refused']['delivered_tokens_per_s'] / b['llava']['delivered_tokens_per_s']:.3f}",
+            "flops": "-",
+            "floor": "-",
+            "target": targets["mixed_batch_throughput"]["text"],
+        },
+        {
+            "figure": f"Caution row: time to first free token ({r['caution_prefix_tokens']}-token prefix prefilled) / "
+            "base LLaVA prefill",
+            "measured": f"{r['seconds']['safevlm_caution_first_free_token'] * 1e3:.0f} / "
+            f"{r['seconds']['llava_prefill'] * 1e3:.0f} ms",
+            "ratio": ratio_cell(r["caution_first_free_token_vs_llava_prefill"]),
+            "flops": "-",
+            "floor": f"prefill ratio {p['prefill_ratio']['median']:.3f}",
+            "target": targets["caution_first_token"]["text"],
         },
         {
             "figure": f"Training step, Stage I / full fine-tuning (batch {t['batch_size']})",
@@ -747,6 +823,7 @@ def build_table(results: dict) -> list[dict[str, str]]:
 
 def evaluate_targets(results: dict) -> dict[str, dict[str, Any]]:
     p, d, e = results["prefill_verdict"], results["decode"], results["external_guard"]
+    b, r = results["mixed_batch"], results["refusal_costs"]
     mid = results["floors"]["mid"]
     calls = d["forward_calls_per_generate"]
     gate_share = results["gate"]["idle (answer)"]["fraction_of_decode_step"]
@@ -765,6 +842,17 @@ def evaluate_targets(results: dict) -> dict[str, dict[str, Any]]:
         "guard_speedup": (e["speedup_ttft"]["median"], ">=", 1.7, ">= 1.7 x"),
         "safety_params": (
             results["parameters"]["llava-1.5-7b"]["parameters"]["safety_fraction"], "<=", 0.02, "<= 2 % at 7B"
+        ),
+        "refused_llm_forwards": (r["llm_forward_calls_all_refused"], "<=", 0, "0 LLM forwards"),
+        "refused_vs_verdict": (r["all_refused_vs_verdict"]["median"], "<=", 1.15, "<= 1.15"),
+        "refused_vs_llava": (r["all_refused_vs_llava_generate"]["median"], "<=", 0.4, "<= 0.4"),
+        "mixed_batch_throughput": (
+            b["safevlm_half_refused"]["delivered_tokens_per_s"] / b["llava"]["delivered_tokens_per_s"], ">=", 1.0,
+            ">= 1.0",
+        ),
+        "caution_first_token": (
+            r["caution_first_free_token_vs_llava_prefill"]["median"], "<=", 1.1 * p["prefill_ratio"]["median"],
+            f"<= 1.1 x prefill ratio = {1.1 * p['prefill_ratio']['median']:.3f}",
         ),
     }
     evaluated = {}
@@ -827,6 +915,7 @@ def run_suite(run: RunSettings, profile_dir: Path | None = None, log: Callable[[
             "external guard", lambda: bench_external_guard(models, run, base_in, safe_in)
         )
         results["mixed_batch"] = section("mixed batch", lambda: bench_mixed_batch(models, run))
+        results["refusal_costs"] = section("refusal costs", lambda: bench_refusal_costs(models, run))
         if profile_dir is not None:
             section("profile", lambda: profile_paths(models, base_in, safe_in, profile_dir))
     # Timings end here; the memory measurements (which change malloc's behaviour for the process) come last.

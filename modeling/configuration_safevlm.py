@@ -1,14 +1,15 @@
 # Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
-"""SafeVLM model configuration.
+"""SafeVLM model configurations: the safety fields on top of a LLaVA (1.5) or a LLaVA-NeXT configuration.
 
 Travels inside every SafeVLM checkpoint: imports only torch/transformers and its sibling files.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 from .policy_safevlm import (
     DEFAULT_SAFETY_LEVELS,
@@ -20,12 +21,14 @@ from .policy_safevlm import (
 )
 
 
-class SafeVLMConfig(LlavaConfig):
+@dataclass(kw_only=True, repr=False, eq=False)
+class SafeVLMConfigMixin:
     r"""
-    Configuration of a [`SafeVLMForConditionalGeneration`]: a LLaVA configuration plus the safety modules.
+    The safety fields every SafeVLM configuration adds to its LLaVA-family configuration (one definition for
+    [`SafeVLMConfig`] and [`SafeVLMNextConfig`]).
 
-    All LLaVA fields keep their meaning (`vision_config`, `text_config`, `image_token_index`, `vision_feature_layer`,
-    ...). Added fields:
+    All the base configuration's fields keep their meaning (`vision_config`, `text_config`, `image_token_index`,
+    `vision_feature_layer`, ...). Added fields:
 
     Args:
         num_safety_tokens (`int`, *optional*, defaults to 64):
@@ -82,8 +85,6 @@ class SafeVLMConfig(LlavaConfig):
     ```
     """
 
-    model_type = "safevlm"
-
     num_safety_tokens: int = 64
     safety_types: list[str] | None = None
     safety_levels: list[str] | None = None
@@ -103,7 +104,7 @@ class SafeVLMConfig(LlavaConfig):
     safety_training_stages: list[dict] | None = None
 
     def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # the LLaVA-family configuration's own setup (sub-configs, ...)
         if self.safety_types is None:
             self.safety_types = list(DEFAULT_SAFETY_TYPES)
         if self.safety_levels is None:
@@ -185,10 +186,10 @@ class SafeVLMConfig(LlavaConfig):
         )
 
     @classmethod
-    def from_llava_config(cls, llava_config: LlavaConfig | dict[str, Any], **safety_overrides: Any) -> "SafeVLMConfig":
-        """Build a SafeVLM configuration from any LLaVA configuration, with optional safety field overrides.
+    def from_llava_config(cls, llava_config: Any, **safety_overrides: Any) -> Any:
+        """Build a SafeVLM configuration from a base configuration of its family, with optional safety overrides.
 
-        Every LLaVA field (vision/text sub-configs, image token, feature layer, ...) is carried over unchanged.
+        Every base field (vision/text sub-configs, image token, feature layer, anyres grid, ...) is carried over.
         """
         data = llava_config.to_dict() if hasattr(llava_config, "to_dict") else dict(llava_config)
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
@@ -205,4 +206,18 @@ class SafeVLMConfig(LlavaConfig):
         return cls(**data)
 
 
-__all__ = ["SafeVLMConfig"]
+class SafeVLMConfig(SafeVLMConfigMixin, LlavaConfig):
+    """Configuration of a [`SafeVLMForConditionalGeneration`]: a [`LlavaConfig`] (LLaVA-1.5) plus the safety fields
+    of [`SafeVLMConfigMixin`]."""
+
+    model_type = "safevlm"
+
+
+class SafeVLMNextConfig(SafeVLMConfigMixin, LlavaNextConfig):
+    """Configuration of a [`SafeVLMNextForConditionalGeneration`]: a [`LlavaNextConfig`] (LLaVA-NeXT, anyres tiles)
+    plus the safety fields of [`SafeVLMConfigMixin`]."""
+
+    model_type = "safevlm_next"
+
+
+__all__ = ["SafeVLMConfig", "SafeVLMConfigMixin", "SafeVLMNextConfig"]

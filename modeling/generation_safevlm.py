@@ -169,6 +169,10 @@ def run_rows(
         if budget <= 0:  # the lead alone fills the answer
             for row in rows:
                 lead = plans[row].lead[:max_new_tokens]
+                if streamer is not None:
+                    streamer.put(input_ids.cpu())
+                    streamer.put(torch.tensor(lead))
+                    streamer.end()
                 steps = [forced_scores(t, vocab_size, device) for t in lead] if layout.wants_steps else []
                 for copy_ in range(expand):
                     results[row * expand + copy_] = RowResult(list(lead), list(steps), list(steps))

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import transformers
-from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -45,9 +51,10 @@ from transformers.models.llava.modeling_llava import (
     LlavaModelOutputWithPast,
     LlavaPreTrainedModel,
 )
+from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel, image_size_to_num_patches
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_safevlm import SafeVLMConfig
+from .configuration_safevlm import SafeVLMConfig, SafeVLMNextConfig
 from .gating_safevlm import GatePlan, SafetyGateLogitsProcessor
 from .generation_safevlm import OutputLayout, RowPlan, assemble, images_by_row, run_rows
 from .policy_safevlm import SafetyPolicy, SafetyVerdict
@@ -74,6 +81,8 @@ TRANSFORMERS_INTERNALS: dict[str, str] = {
     "transformers.models.llava.modeling_llava.LlavaCausalLMOutputWithPast": "our outputs extend the installed ones",
     "transformers.models.llava.modeling_llava.LlavaModelOutputWithPast": "our outputs extend the installed ones",
     "transformers.models.llava.modeling_llava.LlavaPreTrainedModel": "the base of the SafeVLM classes",
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextPreTrainedModel": "the base of the NeXT classes",
+    "transformers.models.llava_next.modeling_llava_next.image_size_to_num_patches": "anyres tiles per image",
     "transformers.utils.can_return_tuple": "`return_dict=False` support, as on LLaVA's own methods",
     "transformers.utils.logging": "transformers' logger",
     "transformers.processing_utils.MultiModalData": "the processor reports its per-image token count in it",
@@ -106,6 +115,9 @@ _CACHE_NAMES = ("cache", "past_key_values")
 # llava-hf checkpoints store legacy keys (`language_model.model.*`, `language_model.lm_head`); transformers converts
 # them only for registered model types, so a SafeVLM built from such a checkpoint would otherwise get a random lm_head.
 register_checkpoint_conversion_mapping("safevlm", get_checkpoint_conversion_mapping("llava"), overwrite=True)
+register_checkpoint_conversion_mapping(
+    "safevlm_next", get_checkpoint_conversion_mapping("llava_next"), overwrite=True
+)
 
 # Decoding modes whose loop is transformers' own and runs every logits processor (the gate included). The others run
 # Hub code (contrastive search, DoLa, group / constrained beam search) or a draft model (assisted generation).
@@ -450,9 +462,8 @@ def _token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------- models
-class SafeVLMPreTrainedModel(LlavaPreTrainedModel):
-    config: SafeVLMConfig
-    config_class = SafeVLMConfig
+class SafeVLMPreTrainedMixin:
+    """Initialization of the safety modules' raw parameters (token sets, head query), for every SafeVLM family."""
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -467,15 +478,29 @@ class SafeVLMPreTrainedModel(LlavaPreTrainedModel):
             super()._init_weights(module)
 
 
-class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
-    """LLaVA's base model plus the safety branch (projector, token sets, head)."""
+class SafeVLMPreTrainedModel(SafeVLMPreTrainedMixin, LlavaPreTrainedModel):
+    config: SafeVLMConfig
+    config_class = SafeVLMConfig
 
-    def __init__(self, config: SafeVLMConfig):
-        super().__init__(config)
+
+class SafeVLMNextPreTrainedModel(SafeVLMPreTrainedMixin, LlavaNextPreTrainedModel):
+    config: SafeVLMNextConfig
+    config_class = SafeVLMNextConfig
+
+
+class SafeVLMModelMixin:
+    """The safety branch on a LLaVA-family base model: the modules, their features, the head and `forward`.
+
+    A family's model class adds `get_image_features` (the family's own, with safety tokens set 1 appended and the
+    safety features beside them) and builds the safety modules in `__init__` with `_add_safety_modules`.
+    """
+
+    def _add_safety_modules(self) -> None:
+        config = self.config
         self.safety_projector = SafeVLMSafetyProjector(config)
         self.safety_tokens = SafeVLMSafetyTokens(config)
         self.safety_head = SafeVLMSafetyHead(config)
-        self.post_init()  # initializes the safety modules; LLaVA's own modules are already marked initialized
+        self.post_init()  # initializes the safety modules; the base model's own are already marked initialized
 
     # ---------------------------------------------------------------------------------------------- image path
     def _check_vision_layers(self, layers: int | Sequence[int], name: str) -> None:
@@ -487,90 +512,35 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
                     f"{-(num_layers + 1)}..{num_layers} (0 = embeddings)."
                 )
 
-    def _per_image(self, features: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
-        # Same split as LLaVA's `get_image_features`: images of different sizes (e.g. Pixtral) arrive concatenated.
-        if image_sizes is None:
-            return list(features)
-        split_sizes = (
-            (torch.as_tensor(image_sizes, device=features.device) // self.vision_tower.patch_size).prod(-1).tolist()
-        )
-        return list(torch.split(features.squeeze(0), split_sizes))
-
-    def _safety_features(self, hidden_states, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+    def _project_safety_features(self, hidden_states) -> torch.Tensor:
+        """The safety projector over `config.safety_feature_layer` of a vision pass (every image or tile)."""
         selected = _select_vision_features(
             hidden_states, self.config.safety_feature_layer, self.config.safety_feature_select_strategy
         )
-        projected = self.safety_projector(selected.to(self.safety_projector.linear_1.weight.dtype))
-        return self._per_image(projected, image_sizes)
+        return self.safety_projector(selected.to(self.safety_projector.linear_1.weight.dtype))
 
-    @can_return_tuple
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> tuple | SafeVLMImageOutputs:
-        """LLaVA's image features with safety tokens set 1 appended to each image, and the safety features beside them.
-
-        One vision pass serves both paths. `vision_feature_layer` (per call, e.g. an ICET early exit) selects the LLM
-        path's layer only; the safety projector always reads `config.safety_feature_layer`. Follows LLaVA's contract:
-        `return_dict=False` gives a tuple, `output_hidden_states=True` returns every vision hidden state.
-        """
-        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        self._check_vision_layers(layer, "vision_feature_layer")
-        requested = kwargs.pop("output_hidden_states", None)
+    def _hidden_states_to_capture(self, layer: int | Sequence[int], requested: Any) -> bool | list[int]:
+        """`output_hidden_states` for one vision pass that serves the LLM path and the safety branch."""
         if requested is True:
-            capture: bool | list[int] = True
-        else:
-            num_states = self.config.vision_config.num_hidden_layers + 1
-            wanted = _as_layer_list(layer) + _as_layer_list(self.config.safety_feature_layer)
-            wanted += _as_layer_list(requested) if requested not in (None, False) else []
-            capture = sorted({index % num_states for index in wanted})
-        kwargs.pop("return_dict", None)
-        outputs = super().get_image_features(
-            pixel_values,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-            image_sizes=image_sizes,
-            output_hidden_states=capture,
-            return_dict=True,
-            **kwargs,
-        )
+            return True
+        num_states = self.config.vision_config.num_hidden_layers + 1
+        wanted = _as_layer_list(layer) + _as_layer_list(self.config.safety_feature_layer)
+        wanted += _as_layer_list(requested) if requested not in (None, False) else []
+        return sorted({index % num_states for index in wanted})
+
+    def _with_safety(self, outputs: BaseModelOutputWithPooling, safety_features: list[torch.Tensor]):
+        """The base model's image output with set 1 after each image's LLM features and the safety features beside."""
         set_1 = self.safety_tokens.llm_tokens
         llm_features = [torch.cat([features, set_1.to(features.dtype)], dim=0) for features in outputs.pooler_output]
         return SafeVLMImageOutputs(
             **{**outputs, "pooler_output": llm_features},
-            safety_features=self._safety_features(outputs.hidden_states, image_sizes),
+            safety_features=safety_features,
             num_placeholder_tokens=[len(features) for features in llm_features],
         )
 
-    def _image_safety_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
-    ) -> SafeVLMImageOutputs:
-        """The classify-only image path: the vision tower and the safety projector, not LLaVA's projector."""
-        num_states = self.config.vision_config.num_hidden_layers + 1
-        llm_layer = self.config.vision_feature_layer
-        wanted = _as_layer_list(llm_layer) + _as_layer_list(self.config.safety_feature_layer)
-        vision_kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
-        vision = self.vision_tower(
-            pixel_values,
-            output_hidden_states=sorted({index % num_states for index in wanted}),
-            return_dict=True,
-            **vision_kwargs,
-        )
-        # How many prompt placeholders each image fills: LLaVA's image tokens for its configured layer, then set 1.
-        llm_tokens = self._per_image(
-            _select_vision_features(vision.hidden_states, llm_layer, self.config.vision_feature_select_strategy),
-            image_sizes,
-        )
-        return SafeVLMImageOutputs(
-            last_hidden_state=vision.last_hidden_state,
-            safety_features=self._safety_features(vision.hidden_states, image_sizes),
-            num_placeholder_tokens=[len(tokens) + self.config.num_safety_tokens for tokens in llm_tokens],
-        )
+    def _image_safety_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None):
+        """The classify-only image path (a family may skip work the safety branch does not need)."""
+        return self.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
 
     # ---------------------------------------------------------------------------------------------- safety path
     def _placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -783,13 +753,141 @@ class SafeVLMModel(SafeVLMPreTrainedModel, LlavaModel):
         )
 
 
-class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditionalGeneration):
-    """LLaVA for generation with the SafeVLM safety branch and level-based refusal gating in `generate()`."""
+class SafeVLMModel(SafeVLMModelMixin, SafeVLMPreTrainedModel, LlavaModel):
+    """LLaVA's base model plus the safety branch (projector, token sets, head)."""
 
     def __init__(self, config: SafeVLMConfig):
-        # LlavaForConditionalGeneration.__init__ would build a LlavaModel first; build the SafeVLM base model instead.
-        SafeVLMPreTrainedModel.__init__(self, config)
-        self.model = SafeVLMModel(config)
+        super().__init__(config)
+        self._add_safety_modules()
+
+    def _per_image(self, features: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+        # Same split as LLaVA's `get_image_features`: images of different sizes (e.g. Pixtral) arrive concatenated.
+        if image_sizes is None:
+            return list(features)
+        split_sizes = (
+            (torch.as_tensor(image_sizes, device=features.device) // self.vision_tower.patch_size).prod(-1).tolist()
+        )
+        return list(torch.split(features.squeeze(0), split_sizes))
+
+    def _safety_features(self, hidden_states, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+        return self._per_image(self._project_safety_features(hidden_states), image_sizes)
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple | SafeVLMImageOutputs:
+        """LLaVA's image features with safety tokens set 1 appended to each image, and the safety features beside them.
+
+        One vision pass serves both paths. `vision_feature_layer` (per call, e.g. an ICET early exit) selects the LLM
+        path's layer only; the safety projector always reads `config.safety_feature_layer`. Follows LLaVA's contract:
+        `return_dict=False` gives a tuple, `output_hidden_states=True` returns every vision hidden state.
+        """
+        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        self._check_vision_layers(layer, "vision_feature_layer")
+        capture = self._hidden_states_to_capture(layer, kwargs.pop("output_hidden_states", None))
+        kwargs.pop("return_dict", None)
+        outputs = super().get_image_features(
+            pixel_values,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+            image_sizes=image_sizes,
+            output_hidden_states=capture,
+            return_dict=True,
+            **kwargs,
+        )
+        return self._with_safety(outputs, self._safety_features(outputs.hidden_states, image_sizes))
+
+    def _image_safety_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> SafeVLMImageOutputs:
+        """The classify-only image path: the vision tower and the safety projector, not LLaVA's projector."""
+        num_states = self.config.vision_config.num_hidden_layers + 1
+        llm_layer = self.config.vision_feature_layer
+        wanted = _as_layer_list(llm_layer) + _as_layer_list(self.config.safety_feature_layer)
+        vision_kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        vision = self.vision_tower(
+            pixel_values,
+            output_hidden_states=sorted({index % num_states for index in wanted}),
+            return_dict=True,
+            **vision_kwargs,
+        )
+        # How many prompt placeholders each image fills: LLaVA's image tokens for its configured layer, then set 1.
+        llm_tokens = self._per_image(
+            _select_vision_features(vision.hidden_states, llm_layer, self.config.vision_feature_select_strategy),
+            image_sizes,
+        )
+        return SafeVLMImageOutputs(
+            last_hidden_state=vision.last_hidden_state,
+            safety_features=self._safety_features(vision.hidden_states, image_sizes),
+            num_placeholder_tokens=[len(tokens) + self.config.num_safety_tokens for tokens in llm_tokens],
+        )
+
+
+
+class SafeVLMNextModel(SafeVLMModelMixin, SafeVLMNextPreTrainedModel, LlavaNextModel):
+    """LLaVA-NeXT's base model plus the safety branch: the safety projector reads every anyres tile of an image
+    (base image and crops), and safety tokens set 1 follow each image's packed tokens, whatever its size."""
+
+    def __init__(self, config: SafeVLMNextConfig):
+        super().__init__(config)
+        self._add_safety_modules()
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs: Any,
+    ) -> tuple | SafeVLMImageOutputs:
+        """LLaVA-NeXT's image features (tiles packed, `image_newline` rows) with safety tokens set 1 appended to each
+        image, and the safety features of all its tiles beside them. One vision pass; `vision_feature_layer` moves
+        the LLM path only. Follows LLaVA-NeXT's contract (`return_dict`, tuples, `output_hidden_states`)."""
+        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        self._check_vision_layers(layer, "vision_feature_layer")
+        capture = self._hidden_states_to_capture(layer, kwargs.pop("output_hidden_states", None))
+        kwargs.pop("return_dict", None)
+        outputs = super().get_image_features(
+            pixel_values,
+            image_sizes,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+            output_hidden_states=capture,
+            return_dict=True,
+            **kwargs,
+        )
+        tiles = [
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+            for size in image_sizes
+        ]
+        projected = self._project_safety_features(outputs.hidden_states)  # (all tiles, patches, hidden)
+        safety = [image.flatten(0, 1) for image in torch.split(projected, tiles, dim=0)]
+        return self._with_safety(outputs, safety)
+
+
+class SafeVLMGenerationMixin:
+    """Everything a SafeVLM generating model adds to its LLaVA-family base, whatever the family: conversion and
+    loading that refuse an untrained safety branch, the forward with the safety loss, the safety API (`predict_safety`
+    to classify, `assess` for verdicts) and the gated, row-wise `generate`."""
+
+    base_model_type = "llava"  # the model type `from_llava` converts
+    processor_class_name = "SafeVLMProcessor"  # named in the checkpoint's auto_map
+
+    def _init_generation_model(self, config: Any, model_class: type) -> None:
+        # The base __init__ would build the family's plain base model first; build the SafeVLM one instead.
+        PreTrainedModel.__init__(self, config)
+        self.model = model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self._safety_tokenizer = None
         self._safety_message_cache: dict[tuple[int, str], list[int]] = {}
@@ -807,7 +905,7 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForImageTextToText"] = f"{module}.{type(self).__name__}"
-        auto_map["AutoProcessor"] = "processing_safevlm.SafeVLMProcessor"
+        auto_map["AutoProcessor"] = f"processing_safevlm.{self.processor_class_name}"
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
         if args[0] if args else kwargs.get("is_main_process", True):
@@ -860,17 +958,17 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
 
     # ------------------------------------------------------------------------------------------------ conversion
     @classmethod
-    def from_llava(
-        cls, model_or_path: Any, seed: int | None = None, **safety_overrides: Any
-    ) -> "SafeVLMForConditionalGeneration":
-        """Turn a LLaVA model (object or checkpoint path/Hub id) into a SafeVLM.
+    def from_llava(cls, model_or_path: Any, seed: int | None = None, **safety_overrides: Any) -> Any:
+        """Turn a model of the class's family (LLaVA-1.5 for `SafeVLMForConditionalGeneration`, LLaVA-NeXT for
+        `SafeVLMNextForConditionalGeneration`; object or checkpoint path/Hub id) into a SafeVLM.
 
         Every base weight (vision tower, projector, LLM, lm_head) is carried over unchanged; only the safety modules
         are newly initialized (from `seed` when given, so a conversion is reproducible). Keyword arguments that are
         `SafeVLMConfig` fields (e.g. `num_safety_tokens`) override the safety settings; the others (e.g. `dtype`,
         `attn_implementation`, `revision`) go to `from_pretrained`.
         """
-        config_fields = set(SafeVLMConfig.__dataclass_fields__)
+        config_class = cls.config_class
+        config_fields = set(config_class.__dataclass_fields__)
         overrides = {k: v for k, v in safety_overrides.items() if k in config_fields}
         load_kwargs = {k: v for k, v in safety_overrides.items() if k not in config_fields}
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -880,7 +978,8 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                 k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in load_kwargs
             }
             base_config = AutoConfig.from_pretrained(model_or_path, **config_kwargs)
-            config = SafeVLMConfig.from_llava_config(base_config, **overrides)  # records safety_base_model
+            cls._check_base_type(base_config, model_or_path)
+            config = config_class.from_llava_config(base_config, **overrides)  # records safety_base_model
             wants_info = load_kwargs.pop("output_loading_info", False)
             model, info = cls.from_pretrained(
                 model_or_path, config=config, allow_untrained_safety=True, output_loading_info=True, **load_kwargs
@@ -893,14 +992,23 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
                     f"from_llava got unknown keyword(s) {sorted(load_kwargs)} for an in-memory model; pass "
                     "SafeVLMConfig fields only (loading options apply to paths)."
                 )
-            model = cls._from_llava_model(
-                model_or_path, SafeVLMConfig.from_llava_config(model_or_path.config, **overrides)
-            )
+            cls._check_base_type(model_or_path.config, type(model_or_path).__name__)
+            model = cls._from_llava_model(model_or_path, config_class.from_llava_config(model_or_path.config, **overrides))
         model.init_safety_modules(seed)
         return model
 
     @classmethod
-    def _from_llava_model(cls, source: nn.Module, config: SafeVLMConfig) -> "SafeVLMForConditionalGeneration":
+    def _check_base_type(cls, base_config: Any, source: Any) -> None:
+        if getattr(base_config, "model_type", None) != cls.base_model_type:
+            hint = {"llava": "SafeVLMForConditionalGeneration", "llava_next": "SafeVLMNextForConditionalGeneration"}
+            raise ValueError(
+                f"{cls.__name__}.from_llava converts {cls.base_model_type!r} models, but {source} is "
+                f"{getattr(base_config, 'model_type', None)!r}"
+                + (f": use {hint[base_config.model_type]}.from_llava." if base_config.model_type in hint else ".")
+            )
+
+    @classmethod
+    def _from_llava_model(cls, source: nn.Module, config: Any) -> Any:
         config._attn_implementation = getattr(source.config, "_attn_implementation", None)
         reference = next(source.parameters())
         with torch.device("meta"):
@@ -1327,9 +1435,9 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
         """Arguments that keep generation from serving rows apart (the rows then all run, with the gate)."""
         settings = generation_config.to_dict()
         blockers = [key for key in (CACHE_ARG, "inputs_embeds") if kwargs.get(key) is not None]
-        blockers += [
+        blockers += [  # both index rows of the caller's batch; stopping criteria and stop strings run per sub-batch
             key
-            for key in ("stopping_criteria", "stop_strings", "prefix_allowed_tokens_fn", "negative_prompt_ids")
+            for key in ("prefix_allowed_tokens_fn", "negative_prompt_ids")
             if kwargs.get(key) is not None or settings.get(key) is not None
         ]
         blockers += [
@@ -1468,10 +1576,10 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
           between the caution and the refusal lead (the verdict records which, as `decision`). A model trained with
           Stage II guided conditioning writes these well.
 
-        Rows that still need the LLM are decoded together; outputs keep the caller's row order and layout. Where an
-        argument needs every row in one batch (a cache, `inputs_embeds`, attentions or hidden states, stopping
-        criteria, beams with `return_dict_in_generate`), template mode runs every row with the gate instead, and
-        guided mode raises.
+        Rows that still need the LLM are decoded together (stopping criteria and stop strings see those sub-batches);
+        outputs keep the caller's row order and layout. Where an argument needs every row in one batch (a cache,
+        `inputs_embeds`, attentions or hidden states, `prefix_allowed_tokens_fn`, `negative_prompt_ids`, beams with
+        `return_dict_in_generate`), template mode runs every row with the gate instead, and guided mode raises.
 
         Every route into the LLM is gated or refused: images arrive as `pixel_values` or as this model's
         `get_image_features` output; `inputs_embeds` must be the token embeddings of `input_ids`; a cache must come
@@ -1596,12 +1704,40 @@ class SafeVLMForConditionalGeneration(SafeVLMPreTrainedModel, LlavaForConditiona
             )
 
 
-SafeVLMConfig.register_for_auto_class()
-SafeVLMForConditionalGeneration.register_for_auto_class("AutoModel")
+class SafeVLMForConditionalGeneration(SafeVLMGenerationMixin, SafeVLMPreTrainedModel, LlavaForConditionalGeneration):
+    """LLaVA-1.5 for generation with the SafeVLM safety branch and graded, gated responses in `generate()`."""
+
+    def __init__(self, config: SafeVLMConfig):
+        self._init_generation_model(config, SafeVLMModel)
+
+
+class SafeVLMNextForConditionalGeneration(
+    SafeVLMGenerationMixin, SafeVLMNextPreTrainedModel, LlavaNextForConditionalGeneration
+):
+    """LLaVA-NeXT for generation with the SafeVLM safety branch and graded, gated responses in `generate()`."""
+
+    base_model_type = "llava_next"
+    processor_class_name = "SafeVLMNextProcessor"
+
+    def __init__(self, config: SafeVLMNextConfig):
+        self._init_generation_model(config, SafeVLMNextModel)
+
+
+for _config_class, _model_class in (
+    (SafeVLMConfig, SafeVLMForConditionalGeneration),
+    (SafeVLMNextConfig, SafeVLMNextForConditionalGeneration),
+):
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModel")
 
 __all__ = [
     "SafeVLMForConditionalGeneration",
+    "SafeVLMGenerationMixin",
     "SafeVLMModel",
+    "SafeVLMModelMixin",
+    "SafeVLMNextForConditionalGeneration",
+    "SafeVLMNextModel",
+    "SafeVLMNextPreTrainedModel",
     "SafeVLMPreTrainedModel",
     "SafeVLMSafetyHead",
     "SafeVLMSafetyProjector",

@@ -1,5 +1,5 @@
 # Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
-"""SafeVLM processor: a LLaVA processor whose image placeholders also make room for safety tokens set 1.
+"""SafeVLM processors: LLaVA-family processors whose image placeholders also make room for safety tokens set 1.
 
 Travels inside every SafeVLM checkpoint: imports only transformers.
 """
@@ -8,20 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import LlavaProcessor
+from transformers import LlavaNextProcessor, LlavaProcessor
 from transformers.processing_utils import MultiModalData
 
 
-class SafeVLMProcessor(LlavaProcessor):
+class SafeVLMProcessorMixin:
     r"""
-    [`LlavaProcessor`] for SafeVLM: each `<image>` in the text expands to the image's tokens followed by
-    `num_safety_tokens` more placeholders, where the model puts safety tokens set 1. Everything else (image
-    preprocessing, tokenizer, chat template) is LLaVA's.
+    Each `<image>` in the text expands to the image's tokens (as the family's processor counts them: fixed for
+    LLaVA-1.5, size-dependent for LLaVA-NeXT's anyres tiles) followed by `num_safety_tokens` more placeholders, where
+    the model puts safety tokens set 1. Everything else (image preprocessing, tokenizer, chat template) is the base
+    processor's.
 
     Args:
         num_safety_tokens (`int`, *optional*, defaults to 64):
             Must equal the model's `config.num_safety_tokens`.
-        (other arguments as [`LlavaProcessor`])
+        (other arguments as the base processor's)
     """
 
     def __init__(
@@ -62,10 +63,8 @@ class SafeVLMProcessor(LlavaProcessor):
         return data
 
     @classmethod
-    def from_llava_processor(
-        cls, processor_or_path: Any, num_safety_tokens: int = 64, **kwargs: Any
-    ) -> "SafeVLMProcessor":
-        """Wrap a [`LlavaProcessor`] (object, or path/Hub id loaded with `AutoProcessor`) as a SafeVLM processor."""
+    def from_llava_processor(cls, processor_or_path: Any, num_safety_tokens: int = 64, **kwargs: Any) -> Any:
+        """Wrap a processor of the family (object, or path/Hub id loaded with `AutoProcessor`) as a SafeVLM one."""
         if isinstance(processor_or_path, str) or hasattr(processor_or_path, "__fspath__"):
             from transformers import AutoProcessor
 
@@ -74,7 +73,7 @@ class SafeVLMProcessor(LlavaProcessor):
         missing = [name for name in ("image_processor", "tokenizer") if getattr(source, name, None) is None]
         if missing:
             raise ValueError(
-                f"from_llava_processor needs a LLaVA processor with {missing}; got {type(source).__name__}."
+                f"from_llava_processor needs a LLaVA-family processor with {missing}; got {type(source).__name__}."
             )
         return cls(
             image_processor=source.image_processor,
@@ -88,6 +87,15 @@ class SafeVLMProcessor(LlavaProcessor):
         )
 
 
-SafeVLMProcessor.register_for_auto_class()
+class SafeVLMProcessor(SafeVLMProcessorMixin, LlavaProcessor):
+    """[`LlavaProcessor`] for SafeVLM (LLaVA-1.5); see [`SafeVLMProcessorMixin`]."""
 
-__all__ = ["SafeVLMProcessor"]
+
+class SafeVLMNextProcessor(SafeVLMProcessorMixin, LlavaNextProcessor):
+    """[`LlavaNextProcessor`] for SafeVLM-NeXT (anyres tiles); see [`SafeVLMProcessorMixin`]."""
+
+
+SafeVLMProcessor.register_for_auto_class()
+SafeVLMNextProcessor.register_for_auto_class()
+
+__all__ = ["SafeVLMNextProcessor", "SafeVLMProcessor", "SafeVLMProcessorMixin"]

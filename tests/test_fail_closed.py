@@ -36,6 +36,9 @@ def image_refuser(tiny_safevlm):
     with torch.no_grad():  # the verdict depends on the safety features alone: the text stream carries no signal
         head.text_proj.weight.zero_()
         head.text_proj.bias.zero_()
+        for layer in head.layers:  # nor does the prompt's length: the query does not attend over the text
+            layer.self_attn.o_proj.weight.zero_()
+            layer.self_attn.o_proj.bias.zero_()
     model.config.safety_training_stages = [{"stage": "test"}]
     policy = {"levels": {"0": "answer", "1": "refuse", "2": "refuse", "3": "refuse"}}
     image_state = _pooled(model, _inputs(processor))

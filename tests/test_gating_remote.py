@@ -1,10 +1,12 @@
 """Remote-code and pipeline paths gate exactly like the installed model."""
 
+import copy
 import json
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from transformers import pipeline
 
@@ -85,7 +87,22 @@ def _installed_outputs(path):
     return generated, piped, verdict
 
 
-def test_remote_code_and_pipelines_gate_identically(saved_safevlm, tmp_path):
+@pytest.fixture(scope="module")
+def level_0_checkpoint(_tiny_safevlm_pair, tmp_path_factory):
+    """A checkpoint whose head gives level 0: POLICY refuses it, its "lenient" profile cautions it."""
+    model, processor = _tiny_safevlm_pair
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.safety_head.level_classifier.weight.zero_()
+        model.model.safety_head.level_classifier.bias.copy_(torch.tensor([10.0, -10.0, -10.0, -10.0]))
+    path = tmp_path_factory.mktemp("level0")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_remote_code_and_pipelines_gate_identically(level_0_checkpoint, tmp_path):
+    saved_safevlm = level_0_checkpoint
     generated, piped, verdict = _installed_outputs(saved_safevlm)
     run = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(saved_safevlm), json.dumps(PROMPTS), json.dumps(CASES)],

@@ -1,14 +1,14 @@
 """A refusal costs a verdict, not a generation: refused rows skip the LLM, caution prefixes are prefilled.
 
 Each result is compared with the gate-only path (every row decoded, the gate forcing tokens), which generate() still
-takes when an argument needs every row in one batch; here an empty `stopping_criteria` list selects it.
+takes when an argument needs every row in one batch; here `output_hidden_states=True` selects it.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from conftest import chat_prompt, make_image
 
@@ -40,7 +40,7 @@ class LLMCalls:
 
 
 def _gate_only(**kwargs):
-    return {**kwargs, "stopping_criteria": StoppingCriteriaList()}
+    return {**kwargs, "output_hidden_states": True}
 
 
 @pytest.mark.parametrize(
@@ -161,3 +161,30 @@ def test_a_streamer_sees_the_prompt_then_exactly_the_answer(tiny_safevlm, policy
     generated = out[0, inputs["input_ids"].shape[1] :].tolist()
     pad = processor.tokenizer.pad_token_id
     assert streamed == [t for t in generated if t != pad] or streamed == generated
+
+
+class StopAfter(StoppingCriteria):
+    """Stops every row after `steps` generated tokens (a user criterion; it sees the rows that run the LLM)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool)
+
+
+def test_stopping_criteria_apply_to_the_rows_that_run_and_refusals_stay_whole(tiny_safevlm):
+    model, processor = tiny_safevlm
+    inputs = _batch(processor, 2)
+    _level(model, 0)
+    policy = {"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "refuse"}}
+    stop = StopAfter(3)
+    answered = model.generate(**inputs, max_new_tokens=20, safety_policy=policy,
+                              stopping_criteria=StoppingCriteriaList([stop]))
+    assert answered.shape[1] - inputs["input_ids"].shape[1] == 3 and stop.calls == 3
+    refused = model.generate(**inputs, max_new_tokens=60, safety_policy=REFUSE_ALL,
+                             stopping_criteria=StoppingCriteriaList([StopAfter(3)]))
+    message = processor.tokenizer.encode(model.assess(**inputs, safety_policy=REFUSE_ALL)[0].message,
+                                         add_special_tokens=False)
+    assert refused[0, inputs["input_ids"].shape[1] :].tolist()[: len(message)] == message

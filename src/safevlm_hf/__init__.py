@@ -7,12 +7,14 @@ Importing the package registers SafeVLM with `AutoConfig`, `AutoModel`, `AutoMod
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .hub.model_card import write_model_card
-from .modeling.configuration_safevlm import SafeVLMConfig
-from .modeling.gating_safevlm import SafetyGateLogitsProcessor
+from .modeling.configuration_safevlm import SafeVLMConfig, SafeVLMNextConfig
+from .modeling.gating_safevlm import GatePlan, SafetyGateLogitsProcessor
 from .modeling.modeling_safevlm import (
     POST_SAVE_HOOKS,
     SafeVLMForConditionalGeneration,
     SafeVLMModel,
+    SafeVLMNextForConditionalGeneration,
+    SafeVLMNextModel,
     SafeVLMPreTrainedModel,
 )
 from .modeling.policy_safevlm import (
@@ -23,17 +25,21 @@ from .modeling.policy_safevlm import (
     SafetyVerdict,
     default_safety_policy,
 )
-from .modeling.processing_safevlm import SafeVLMProcessor
+from .modeling.processing_safevlm import SafeVLMNextProcessor, SafeVLMProcessor
 
 
 __version__ = "0.1.0"
 
-AutoConfig.register("safevlm", SafeVLMConfig, exist_ok=True)
 # AutoModel gives the generating model (with lm_head and gating), which is what users of a safety checkpoint expect
 # from `AutoModel.from_pretrained(..., trust_remote_code=True)`; the saved auto_map says the same.
-AutoModel.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(SafeVLMConfig, SafeVLMForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(SafeVLMConfig, SafeVLMProcessor, exist_ok=True)
+for _config, _model, _processor in (
+    (SafeVLMConfig, SafeVLMForConditionalGeneration, SafeVLMProcessor),
+    (SafeVLMNextConfig, SafeVLMNextForConditionalGeneration, SafeVLMNextProcessor),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
+    AutoProcessor.register(_config, _processor, exist_ok=True)
 
 
 def _write_model_card_after_save(save_directory, config, overwrite_model_card: bool) -> None:
@@ -49,7 +55,12 @@ __all__ = [
     "DEFAULT_SAFETY_TYPES",
     "SafeVLMConfig",
     "SafeVLMForConditionalGeneration",
+    "GatePlan",
     "SafeVLMModel",
+    "SafeVLMNextConfig",
+    "SafeVLMNextForConditionalGeneration",
+    "SafeVLMNextModel",
+    "SafeVLMNextProcessor",
     "SafeVLMPreTrainedModel",
     "SafeVLMProcessor",
     "SafetyGateLogitsProcessor",

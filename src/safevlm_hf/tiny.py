@@ -397,13 +397,21 @@ def build_tiny_reward_model(
 
 
 def build_tiny_safevlm(spec: TinyLlavaSpec | None = None, num_safety_tokens: int = 4, **safety_overrides):
-    """A tiny SafeVLM converted from a tiny LLaVA (safety modules freshly initialized) and its `SafeVLMProcessor`."""
-    from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration
-    from .modeling.processing_safevlm import SafeVLMProcessor
+    """A tiny SafeVLM converted from a tiny LLaVA (safety modules freshly initialized) and its `SafeVLMProcessor`.
 
-    llava, llava_processor = build_tiny_llava(spec)
-    model = SafeVLMForConditionalGeneration.from_llava(llava, num_safety_tokens=num_safety_tokens, **safety_overrides)
-    processor = SafeVLMProcessor.from_llava_processor(llava_processor, num_safety_tokens=num_safety_tokens)
+    With a :class:`TinyLlavaNextSpec`, a tiny SafeVLM-NeXT (anyres tiles) and its `SafeVLMNextProcessor`.
+    """
+    from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration, SafeVLMNextForConditionalGeneration
+    from .modeling.processing_safevlm import SafeVLMNextProcessor, SafeVLMProcessor
+
+    if isinstance(spec, TinyLlavaNextSpec):
+        base, base_processor = build_tiny_llava_next(spec)
+        model_class, processor_class = SafeVLMNextForConditionalGeneration, SafeVLMNextProcessor
+    else:
+        base, base_processor = build_tiny_llava(spec)
+        model_class, processor_class = SafeVLMForConditionalGeneration, SafeVLMProcessor
+    model = model_class.from_llava(base, num_safety_tokens=num_safety_tokens, seed=0, **safety_overrides)
+    processor = processor_class.from_llava_processor(base_processor, num_safety_tokens=num_safety_tokens)
     model.set_safety_tokenizer(processor.tokenizer)
     return model.eval(), processor
 
