@@ -519,14 +519,27 @@ class SafeVLMModelMixin:
         )
         return self.safety_projector(selected.to(self.safety_projector.linear_1.weight.dtype))
 
-    def _hidden_states_to_capture(self, layer: int | Sequence[int], requested: Any) -> bool | list[int]:
-        """`output_hidden_states` for one vision pass that serves the LLM path and the safety branch."""
+    def _image_call(self, layer: Any, strategy: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Arguments of the family's own `get_image_features` for one vision pass serving the LLM path (at `layer`)
+        and the safety branch (at `config.safety_feature_layer`); `output_hidden_states=True` still returns all."""
+        layer = layer if layer is not None else self.config.vision_feature_layer
+        self._check_vision_layers(layer, "vision_feature_layer")
+        requested = kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
         if requested is True:
-            return True
-        num_states = self.config.vision_config.num_hidden_layers + 1
-        wanted = _as_layer_list(layer) + _as_layer_list(self.config.safety_feature_layer)
-        wanted += _as_layer_list(requested) if requested not in (None, False) else []
-        return sorted({index % num_states for index in wanted})
+            capture: bool | list[int] = True
+        else:
+            num_states = self.config.vision_config.num_hidden_layers + 1
+            wanted = _as_layer_list(layer) + _as_layer_list(self.config.safety_feature_layer)
+            wanted += _as_layer_list(requested) if requested not in (None, False) else []
+            capture = sorted({index % num_states for index in wanted})
+        return dict(
+            kwargs,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy or self.config.vision_feature_select_strategy,
+            output_hidden_states=capture,
+            return_dict=True,
+        )
 
     def _with_safety(self, outputs: BaseModelOutputWithPooling, safety_features: list[torch.Tensor]):
         """The base model's image output with set 1 after each image's LLM features and the safety features beside."""
@@ -787,20 +800,8 @@ class SafeVLMModel(SafeVLMModelMixin, SafeVLMPreTrainedModel, LlavaModel):
         path's layer only; the safety projector always reads `config.safety_feature_layer`. Follows LLaVA's contract:
         `return_dict=False` gives a tuple, `output_hidden_states=True` returns every vision hidden state.
         """
-        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        self._check_vision_layers(layer, "vision_feature_layer")
-        capture = self._hidden_states_to_capture(layer, kwargs.pop("output_hidden_states", None))
-        kwargs.pop("return_dict", None)
-        outputs = super().get_image_features(
-            pixel_values,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-            image_sizes=image_sizes,
-            output_hidden_states=capture,
-            return_dict=True,
-            **kwargs,
-        )
+        call = self._image_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
+        outputs = super().get_image_features(pixel_values, image_sizes=image_sizes, **call)
         return self._with_safety(outputs, self._safety_features(outputs.hidden_states, image_sizes))
 
     def _image_safety_features(
@@ -850,20 +851,8 @@ class SafeVLMNextModel(SafeVLMModelMixin, SafeVLMNextPreTrainedModel, LlavaNextM
         """LLaVA-NeXT's image features (tiles packed, `image_newline` rows) with safety tokens set 1 appended to each
         image, and the safety features of all its tiles beside them. One vision pass; `vision_feature_layer` moves
         the LLM path only. Follows LLaVA-NeXT's contract (`return_dict`, tuples, `output_hidden_states`)."""
-        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        self._check_vision_layers(layer, "vision_feature_layer")
-        capture = self._hidden_states_to_capture(layer, kwargs.pop("output_hidden_states", None))
-        kwargs.pop("return_dict", None)
-        outputs = super().get_image_features(
-            pixel_values,
-            image_sizes,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-            output_hidden_states=capture,
-            return_dict=True,
-            **kwargs,
-        )
+        call = self._image_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
+        outputs = super().get_image_features(pixel_values, image_sizes, **call)
         tiles = [
             image_size_to_num_patches(
                 image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,

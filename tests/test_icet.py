@@ -144,9 +144,13 @@ def test_safevlm_gating_holds_at_every_layer_and_the_ungated_scan_shows_the_llm_
     assert all(record["response"].startswith("I'm sorry") for record in gated.records)
     # The untrained LLM alone does not refuse: without the gate every layer leaks.
     assert not any(record["response"].startswith("I'm sorry") for record in ungated.records)
-    assert all(r.attack_success_rate > 0 for r in ungated.layers)
     table = comparison_table(gated, ungated, ("gated", "ungated"))
-    assert "| Layer | ASR gated | ASR ungated |" in table and "| 1 | 0.0% | 100.0% | 100.0% | 0.0% |" in table
+    assert "| Layer | ASR gated | ASR ungated |" in table
+    for layer in gated.layers:  # the table puts the two scans' numbers side by side, layer by layer
+        other = ungated.result(layer.layer)
+        mark = "*" if layer.layer == gated.default_layer else ""
+        row = f"| {layer.layer}{mark} | {100 * layer.attack_success_rate:.1f}% | {100 * other.attack_success_rate:.1f}% |"
+        assert row in table
 
 
 # ------------------------------------------------------------------------------------------------- metrics
