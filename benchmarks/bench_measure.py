@@ -124,7 +124,8 @@ class GenerateTimings:
 
     def add(self, clock: StepClock, total: float | None = None) -> None:
         steps = clock.step_seconds
-        self.time_to_first_token.append(clock.time_to_first_token)
+        # A call that ran no decoding step (every row refused: no LLM at all) delivers everything at its end.
+        self.time_to_first_token.append(clock.time_to_first_token if clock.stamps else total)
         self.median_step.append(statistics.median(steps) if steps else float("nan"))
         self.total.append(clock.total_seconds if total is None else total)
         self.all_steps.extend(steps)
