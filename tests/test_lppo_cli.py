@@ -132,10 +132,18 @@ def test_lppo_with_the_safety_head_reward_trains_saves_and_resumes(saved_safevlm
     assert [entry["step"] for entry in log] == [1, 2] and all(entry["layer"] == 1 for entry in log)
     assert (out / "final" / "config.json").is_file() and (out / "final" / "adapter" / "adapter_config.json").is_file()
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    # the run is recorded in the saved SafeVLM's config (the model card's training table reads it)
+    (record,) = json.loads((out / "final" / "config.json").read_text())["safety_training_stages"]
+    assert (record["stage"], record["data"], record["steps"], record["layers"]) == ("l-ppo", "prompts.jsonl", 2, [1])
+    assert record["reward"]["kind"] == "safety-head" and {"mean_approx_kl", "heldout_reward_after"} <= set(
+        record["metrics"]
+    )
 
     assert main(args + ["--steps", "3", "--resume"]) == 0
     log = [json.loads(line) for line in (out / "lppo_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3]
+    (record,) = json.loads((out / "final" / "config.json").read_text())["safety_training_stages"]
+    assert record["steps"] == 3  # the resumed run records its stage once, with all its steps
 
 
 def test_lppo_with_a_hf_reward_model_and_clear_errors(saved_llava, prompt_file, tmp_path, capsys):

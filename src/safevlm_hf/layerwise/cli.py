@@ -415,6 +415,7 @@ def run_lppo(args: argparse.Namespace) -> int:
     from ..evaluation.benchmarks import BenchmarkFormatError
     from ..evaluation.judges import JudgeError, build_judge
     from .lppo_config import LPPOConfig
+    from ..training.stages import published_data_name
     from .lppo_trainer import LPPOTrainer
     from .rewards import build_reward
 
@@ -461,7 +462,10 @@ def run_lppo(args: argparse.Namespace) -> int:
         return _error("lppo", f"cannot load model {args.model!r}: {err}")
     try:
         reward = build_reward(args.reward, model=model, processor=processor, judge=judge)
-        trainer = LPPOTrainer(model, processor, config, items, reward, eval_items=held_out or None)
+        data_name = ", ".join(published_data_name(spec) for spec in ([args.prompts] if args.prompts else args.bench))
+        trainer = LPPOTrainer(
+            model, processor, config, items, reward, eval_items=held_out or None, data_name=data_name
+        )
         trainer.train(resume_from_checkpoint=True if args.resume else None)
         final = trainer.save_model(out / "final", merge=not args.no_merge)
     except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def _add_convert_parser(subparsers) -> None:
         default=None,
         help="Vision-encoder layer the safety projector reads (default: the LLaVA vision_feature_layer).",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of the safety modules' initialization: one seed gives one model (default: a drawn seed, printed).",
+    )
     parser.set_defaults(func=run_convert)
 
 
@@ -89,14 +96,20 @@ def run_convert(args: argparse.Namespace) -> int:
         processor = SafeVLMProcessor.from_llava_processor(args.model, num_safety_tokens=args.num_safety_tokens)
     except (OSError, ValueError) as err:
         return _error(f"cannot load the LLaVA processor (tokenizer + image processor) from {args.model!r}: {err}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        return _error(f"--seed must be in 0..{2**32 - 1}, got {args.seed}.")
+    # Always seeded: the initial head decides the untrained model's verdicts, so a run must be reproducible.
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    if args.seed is None:
+        print(f"Initializing the safety modules with seed {seed} (pass --seed {seed} to reproduce this conversion).")
     try:
-        model = SafeVLMForConditionalGeneration.from_llava(_checked_weights(args.model), **overrides)
+        model = SafeVLMForConditionalGeneration.from_llava(_checked_weights(args.model), seed=seed, **overrides)
     except (CheckpointFileError, SafetensorError) as err:
         return _error(f"cannot load the LLaVA weights from {args.model!r}: {err}")
     out = Path(args.out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    print(f"Converted {args.model} to SafeVLM ({args.num_safety_tokens} safety tokens per set): {out}")
+    print(f"Converted {args.model} to SafeVLM ({args.num_safety_tokens} safety tokens per set, seed {seed}): {out}")
     return EXIT_OK
 
 
@@ -300,7 +313,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
     from ..modeling.policy_safevlm import SafetyPolicyError
     from ..modeling.processing_safevlm import SafeVLMProcessor
-    from .stages import merge_stage2
+    from .stages import merge_stage2, unwrap_safevlm
     from .trainer import SafeVLMTrainer
 
     if args.list_recipes or args.recipe == "":
@@ -357,8 +370,10 @@ def run_train(args: argparse.Namespace) -> int:
     except SafetyDataError as err:  # an image that became unreadable after loading, a row over --max-length
         return _error(str(err))
     metrics = dict(result.metrics)
+    if args.recipe:
+        trainer.stage_record["recipe"] = args.recipe
     if eval_data is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(trainer.evaluate())  # also added to the stage's record in the model config
 
     # The exported folder is what `save_pretrained` writes (weights, config, remote code, processor), without the
     # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs. Every process
@@ -380,7 +395,10 @@ def run_train(args: argparse.Namespace) -> int:
 
             unset_hf_deepspeed_config()
             base = SafeVLMForConditionalGeneration.from_pretrained(args.model)
-            merge_stage2(PeftModel.from_pretrained(base, out / "adapter")).save_pretrained(out)
+            merged = merge_stage2(PeftModel.from_pretrained(base, out / "adapter"))
+            # The base was reloaded from --model: carry over the stages recorded by this run's trainer.
+            merged.config.safety_training_stages = unwrap_safevlm(export).config.safety_training_stages
+            merged.save_pretrained(out)
             processor.save_pretrained(out)
     elif main:
         export.save_pretrained(out, state_dict=state_dict)
