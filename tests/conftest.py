@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from safevlm_hf.prompting import chat_text
 from safevlm_hf.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_safevlm
 
 
@@ -25,8 +26,8 @@ def make_image(seed: int = 0, size: int = 40) -> Image.Image:
 
 
 def chat_prompt(processor, text: str, image: bool = True) -> str:
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    """One user turn (with an image placeholder by default) in the processor's chat template."""
+    return chat_text(processor, text, image)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from safevlm_hf.evaluation.metrics import generation_metrics
 from safevlm_hf.layerwise import PromptItem, comparison_table, icet_scan, layer_group, load_icet_report, resolve_layers
 from safevlm_hf.layerwise.icet import IcetLayerResult, IcetReport, _layer_result, layer_groups
 from safevlm_hf.layerwise.icet_grid import IcetGrid
-from safevlm_hf.layerwise.prompts import chat_text
+from safevlm_hf.prompting import chat_text
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

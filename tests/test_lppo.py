@@ -22,7 +22,7 @@ from safevlm_hf.layerwise import (
     SafetyHeadReward,
 )
 from safevlm_hf.layerwise.lppo_trainer import response_mask
-from safevlm_hf.layerwise.prompts import encode_items
+from safevlm_hf.prompting import encode_items
 
 
 REFUSAL = "I'm sorry, but I can't help with this request."

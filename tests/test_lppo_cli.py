@@ -194,17 +194,26 @@ def test_lppo_with_a_hf_reward_model_and_clear_errors(saved_llava, prompt_file, 
 
 
 def test_prompt_file_errors_name_the_file_and_line(tmp_path):
+    from test_data import bomb_png
+
     from safevlm_hf.layerwise import load_prompt_file
 
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: 'prompt' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl, line 2: 'prompt' must be a non-empty string"):
         load_prompt_file(path)
     path.write_text('{"prompt": "fine", "image": "missing.png"}\n')
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: cannot read image .*missing\.png"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl, line 1: image file .*missing\.png' does not exist"):
         load_prompt_file(path)
     path.write_text('{"prompt": "fine", "expected": "maybe"}\n')
-    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: 'expected' must be 'refuse', 'answer'"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl, line 1: 'expected' must be 'refuse', 'answer'"):
+        load_prompt_file(path)
+    bomb_png(tmp_path / "bomb.png", 20_000, 20_000)
+    path.write_text('{"prompt": "fine", "image": "bomb.png"}\n')
+    with pytest.raises(ValueError, match=r"prompts\.jsonl, line 1: image file .*bomb\.png' .*decompression bomb"):
+        load_prompt_file(path)  # refused, not decoded
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "p\xefll"}\n')
+    with pytest.raises(ValueError, match=r"prompts\.jsonl, line 2: not valid UTF-8 at column"):
         load_prompt_file(path)
     items = load_prompt_file(
         _write(tmp_path / "ok.jsonl", '{"prompt": "a", "source": "x"}\n\n{"prompt": "b", "id": 7}\n')

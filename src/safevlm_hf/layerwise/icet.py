@@ -36,7 +36,8 @@ from transformers import set_seed
 from ..evaluation.judges import Judge, Judgement, build_judge
 from ..evaluation.metrics import generation_metrics, grouped_generation_metrics
 from .early_exit import default_feature_layer, early_exit_for, normalize_layer, resolve_layers, vision_encoder_depth
-from .prompts import check_items, encode_items, judge_inputs
+from ..prompting import decode_responses, encode_items, is_safevlm
+from .prompts import check_items, judge_inputs
 from .rewards import build_reward, describe_reward
 
 
@@ -82,11 +83,6 @@ def draw_layer_groups(ax: Any, num_layers: int) -> dict[str, tuple[float, float]
     return bands
 
 
-def is_safevlm(model: Any) -> bool:
-    """True for a SafeVLM (a model with a safety head and gating in `generate`), also when wrapped by PEFT."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "safevlm"
-
-
 # --------------------------------------------------------------------------------------------------- generation
 def resolve_gating(model: Any, gating: bool | None) -> bool | None:
     """The `safety_gating` argument to pass to `generate` (`None`: the model has no gating)."""
@@ -124,11 +120,6 @@ def generate_at_layer(
         output = model.generate(**inputs, **exit_kwargs, max_new_tokens=max_new_tokens, **generate_kwargs)
     sequences = output.sequences if hasattr(output, "sequences") else output
     return sequences[:, inputs["input_ids"].shape[1] :]
-
-
-def decode_responses(processor: Any, tokens: torch.Tensor) -> list[str]:
-    """Decoded answers (special tokens and surrounding whitespace removed)."""
-    return [text.strip() for text in processor.batch_decode(tokens, skip_special_tokens=True)]
 
 
 # ------------------------------------------------------------------------------------------------------ reports
@@ -564,12 +555,10 @@ __all__ = [
     "IcetLayerResult",
     "IcetReport",
     "comparison_table",
-    "decode_responses",
     "default_feature_layer",
     "draw_layer_groups",
     "generate_at_layer",
     "icet_scan",
-    "is_safevlm",
     "layer_group",
     "layer_groups",
     "layer_span",

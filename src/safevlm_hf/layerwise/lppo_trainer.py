@@ -51,7 +51,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..training.stages import apply_llm_lora, llm_lora_config, record_training_stage
 from .early_exit import early_exit_for
-from .icet import decode_responses, generate_at_layer, is_safevlm, resolve_layers, vision_encoder_depth
+from ..prompting import decode_responses, encode_items, is_safevlm
+from .icet import generate_at_layer, resolve_layers, vision_encoder_depth
 from .lppo_config import LPPOConfig
 from .ppo_math import (
     clipped_policy_loss,
@@ -63,7 +64,7 @@ from .ppo_math import (
     per_token_rewards,
     value_loss,
 )
-from .prompts import check_items, encode_items
+from .prompts import check_items
 from .rewards import check_rewards, describe_reward
 
 
