@@ -12,7 +12,7 @@ from conftest import make_image
 from PIL import Image
 
 from safevlm_hf import SafetyPolicyError
-from safevlm_hf.evaluation.benchmarks import BenchmarkItem, LabelledItem, load_figstep, load_xstest
+from safevlm_hf.evaluation.safety_benchmarks import BenchmarkItem, LabelledItem, load_figstep, load_xstest
 from safevlm_hf.evaluation.judges import Judge, JudgeInput, Judgement, StringMatchJudge
 from safevlm_hf.evaluation.metrics import expected_calibration_error, generation_metrics
 from safevlm_hf.evaluation.runner import EvaluationInputError, evaluate, evaluate_head

@@ -12,7 +12,7 @@ import torch
 from conftest import make_image
 from PIL import Image
 
-from safevlm_hf.evaluation.benchmarks import BenchmarkItem
+from safevlm_hf.evaluation.safety_benchmarks import BenchmarkItem
 from safevlm_hf.evaluation.judges import Judgement, StringMatchJudge
 from safevlm_hf.evaluation.metrics import generation_metrics
 from safevlm_hf.layerwise import PromptItem, comparison_table, icet_scan, layer_group, load_icet_report, resolve_layers

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BenchmarkFormatError, select_benchmark
+from .safety_benchmarks import BenchmarkFormatError, select_benchmark
 from .judges import JudgeError, build_judge
 from .judges.endpoint import NO_API_KEY
 from .redaction import check_env_var_name, redact_text

@@ -1,6 +1,6 @@
 """Run a model over benchmark items, judge the answers and compute the metrics.
 
-:func:`evaluate` generates one answer per :class:`~.benchmarks.BenchmarkItem` (the processor's chat template with one
+:func:`evaluate` generates one answer per :class:`~.safety_benchmarks.BenchmarkItem` (the processor's chat template with one
 image + the prompt, batched with left padding, greedy by default), records the SafeVLM verdict when the model has a
 safety head (a plain ``LlavaForConditionalGeneration`` works too), judges every answer and returns per-item records
 and metrics. :func:`evaluate_head` scores the safety head alone on labelled prompts through ``model.predict_safety``.
@@ -17,7 +17,7 @@ import torch
 from transformers import set_seed
 
 from ..prompting import decode_responses, encode_prompts, is_safevlm
-from .benchmarks import BenchmarkItem, LabelledItem, open_image
+from .safety_benchmarks import BenchmarkItem, LabelledItem, open_image
 from .judges import HARM, REFUSAL, Judge, JudgeInput
 from .metrics import ECE_BINS, generation_metrics, grouped_generation_metrics, head_metrics, verdict_metrics
 
@@ -101,7 +101,7 @@ def evaluate(
         model: a SafeVLM (``SafeVLMForConditionalGeneration``, gated generation, verdicts recorded) or any LLaVA-style
             ``generate``-capable model (no verdicts).
         processor: its processor (chat template, tokenizer, image processor).
-        items: benchmark items (:func:`~.benchmarks.load_benchmark`).
+        items: benchmark items (:func:`~.safety_benchmarks.load_benchmark`).
         judge: judges every answer (:func:`~.judges.build_judge`). Attack success is computed only when it decides
             harm (:attr:`~.judges.Judge.decides`); a refusal-only judge (the string judge) gives the non-refusal rate.
         profile / policy: SafeVLM safety profile and policy override (for a model without a safety head they
@@ -277,7 +277,7 @@ def evaluate_head(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Safety-head metrics on labelled prompts (``prompt``, ``image``, ``safe_type`` index or name, ``safe_level``
-    int; as :class:`~.benchmarks.LabelledItem`, dicts, or :class:`safevlm_hf.data.SafetyExample`) through
+    int; as :class:`~.safety_benchmarks.LabelledItem`, dicts, or :class:`safevlm_hf.data.SafetyExample`) through
     ``model.predict_safety`` - no LLM forward.
 
     Returns :func:`~.metrics.head_metrics` (type accuracy, macro-F1, per-type P/R/F1, level confusion matrix, mean

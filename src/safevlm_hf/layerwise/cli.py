@@ -181,7 +181,7 @@ def _load_items(args: argparse.Namespace, out: Path) -> list[Any]:
         from .prompts import load_prompt_file
 
         return load_prompt_file(args.prompts)
-    from ..evaluation.benchmarks import load_benchmark
+    from ..evaluation.safety_benchmarks import load_benchmark
 
     items = []
     for spec in args.bench:
@@ -278,7 +278,7 @@ def run_icet(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..evaluation.benchmarks import BenchmarkFormatError
+    from ..evaluation.safety_benchmarks import BenchmarkFormatError
     from ..evaluation.judges import JudgeError, build_judge
     from .icet import comparison_table, icet_scan
     from .icet_grid import IcetGrid
@@ -412,7 +412,7 @@ def lppo_summary(trainer: Any) -> str:
 
 def run_lppo(args: argparse.Namespace) -> int:
     """Execute `safevlm lppo`; returns the exit code."""
-    from ..evaluation.benchmarks import BenchmarkFormatError
+    from ..evaluation.safety_benchmarks import BenchmarkFormatError
     from ..evaluation.judges import JudgeError, build_judge
     from .lppo_config import LPPOConfig
     from ..training.stages import published_data_name
