@@ -391,3 +391,15 @@ def test_benchmark_files_are_read_by_the_data_reader(tmp_path):
 def _png(path: Path) -> Path:
     Image.new("L", (8, 8)).save(path)
     return path
+
+
+def test_vlguard_items_are_typed_by_the_training_data_mapping():
+    from safevlm_hf.data import VLGUARD_CATEGORY_FALLBACK, VLGUARD_CATEGORY_MAP
+    from safevlm_hf.evaluation.taxonomy import risk_type_for
+
+    # one table: a model is scored in the taxonomy it was trained with, for every (sub)category the data maps
+    for table in (VLGUARD_CATEGORY_MAP, VLGUARD_CATEGORY_FALLBACK):
+        for name, (risk_type, _level) in table.items():
+            assert risk_type_for(name, "vlguard") == risk_type, name
+    assert risk_type_for("other", "vlguard") == "Fairness"  # the evaluation copy had lost this subcategory
+    assert risk_type_for("safe", "vlguard") == "Safe"
