@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
+
+from ..cli_support import fail
 
 
 def register(subparsers: Any) -> None:
@@ -171,11 +172,6 @@ def _register_lppo(subparsers: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _error(command: str, message: str) -> int:
-    print(f"safevlm {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _load_items(args: argparse.Namespace, out: Path) -> list[Any]:
     if args.prompts:
         from .prompts import load_prompt_file
@@ -286,7 +282,7 @@ def run_icet(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.no_gating and args.compare_gating:
-        return _error("icet", "--no-gating and --compare-gating exclude each other.")
+        return fail("icet", "--no-gating and --compare-gating exclude each other.")
     try:  # read every input and every model's config before loading weights: a bad input fails in seconds
         entries = _model_entries(args)
         items = _load_items(args, out)
@@ -299,16 +295,16 @@ def run_icet(args: argparse.Namespace) -> int:
             }
         judge = build_judge(args.judge, **judge_kwargs)
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
-        return _error("icet", str(err))
+        return fail("icet", str(err))
     safevlm = {}
     for label, path in entries:
         try:
             safevlm[label] = _check_model(path, args)
         except (OSError, ValueError, KeyError) as err:
-            return _error("icet", f"model {label!r} ({path}): {err}")
+            return fail("icet", f"model {label!r} ({path}): {err}")
     if (args.no_gating or args.compare_gating) and not any(safevlm.values()):
         plain = entries[0][1] if len(entries) == 1 else "none of the models"
-        return _error(
+        return fail(
             "icet",
             f"{plain} is a plain model: no safety gating to turn off (--no-gating/--compare-gating need a SafeVLM).",
         )
@@ -319,7 +315,7 @@ def run_icet(args: argparse.Namespace) -> int:
         try:
             model, processor = _load_model(path, args)
         except (OSError, ValueError) as err:
-            return _error("icet", f"cannot load model {label!r} ({path}): {err}")
+            return fail("icet", f"cannot load model {label!r} ({path}): {err}")
         runs = [("icet", None)]
         if safevlm[label]:
             runs = (
@@ -357,7 +353,7 @@ def run_icet(args: argparse.Namespace) -> int:
                 print(f"ICET scan of {label}{gate}: {len(report.layers)} layers x {len(items)} prompts; {summary}.")
                 print(f"Report: {paths['markdown']}")
         except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
-            return _error("icet", f"model {label!r}: {err}")
+            return fail("icet", f"model {label!r}: {err}")
         if args.compare_gating and safevlm[label]:
             table = comparison_table(reports["icet_gated"], reports["icet_ungated"], ("gated", "ungated"))
             comparison = folder / "icet_gating_comparison.md"
@@ -370,7 +366,7 @@ def run_icet(args: argparse.Namespace) -> int:
     try:
         grid = IcetGrid(rows).save(out)
     except ValueError as err:
-        return _error("icet", str(err))
+        return fail("icet", str(err))
     print(f"Grid ({len(rows)} row(s): model x Early/Middle/Late x metric): {grid['markdown']}, plot {grid['plot']}")
     return 0
 
@@ -421,7 +417,7 @@ def run_lppo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.device not in ("auto", "cpu", "cuda"):
-        return _error(
+        return fail(
             "lppo",
             f"--device {args.device}: L-PPO puts each process on its own GPU (accelerate); pick GPUs with "
             "CUDA_VISIBLE_DEVICES and use --device auto, cuda or cpu.",
@@ -455,11 +451,11 @@ def run_lppo(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
-        return _error("lppo", str(err))
+        return fail("lppo", str(err))
     try:
         model, processor = _load_model(args.model, args, place=False)
     except (OSError, ValueError) as err:
-        return _error("lppo", f"cannot load model {args.model!r}: {err}")
+        return fail("lppo", f"cannot load model {args.model!r}: {err}")
     try:
         reward = build_reward(args.reward, model=model, processor=processor, judge=judge)
         data_name = ", ".join(published_data_name(spec) for spec in ([args.prompts] if args.prompts else args.bench))
@@ -469,7 +465,7 @@ def run_lppo(args: argparse.Namespace) -> int:
         trainer.train(resume_from_checkpoint=True if args.resume else None)
         final = trainer.save_model(out / "final", merge=not args.no_merge)
     except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
-        return _error("lppo", str(err))
+        return fail("lppo", str(err))
     if trainer.accelerator.is_main_process:
         print(f"{lppo_summary(trainer)} Log: {out / 'lppo_log.jsonl'}")
         print(f"Model: {final}")
