@@ -6,9 +6,9 @@ import json
 
 import pytest
 from conftest import make_image
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from safevlm_hf.cli import main
+from safevlm_hf.tiny import build_tiny_reward_model
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -150,17 +150,7 @@ def test_lppo_with_a_hf_reward_model_and_clear_errors(saved_llava, prompt_file, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(saved_llava)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    build_tiny_reward_model(tokenizer).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     base = [
         "lppo",
