@@ -56,7 +56,7 @@ def test_icet_on_a_safevlm_with_gating_on_and_off(saved_safevlm, prompt_file, tm
     assert (out / "icet_gated_layers.png").is_file() and (out / "icet_gating_comparison.md").is_file()
 
 
-def test_icet_on_plain_llava_with_a_benchmark_spec(saved_llava, tmp_path):
+def test_icet_on_plain_llava_with_a_benchmark_spec(saved_llava, tmp_path, capsys):
     csv = tmp_path / "xstest_prompts.csv"
     csv.write_text(
         "id,prompt,type,label,focus,note\n"
@@ -85,6 +85,9 @@ def test_icet_on_plain_llava_with_a_benchmark_spec(saved_llava, tmp_path):
     assert [layer["layer"] for layer in report["layers"]] == [1, 2, 3, 4]
     assert report["gating"] is None and report["default_layer"] == 3
     assert "| 3* |" in (out / "icet_report.md").read_text()
+    # the default string judge detects refusals only: the summary names the non-refusal rate, never ASR
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ICET scan of"))
+    assert "early Non-refusal" in summary and "ASR" not in summary
 
 
 def test_icet_bad_input_exits_2_with_a_clear_message(saved_llava, prompt_file, tmp_path, capsys):

@@ -58,7 +58,8 @@ def _register_icet(subparsers: Any) -> None:
         help="Scan which vision-encoder layers make the model unsafe (ICET early exit); one model or a grid of them.",
         description=(
             "For each chosen vision layer l, generate with the LLM reading layer-l image states (same projection), "
-            "judge the answers and report attack success / refusal per layer and per third of the encoder. One "
+            "judge the answers and report attack success (from a harm judge; a refusal-only judge such as the default "
+            "string judge gives the non-refusal rate instead) and refusal per layer and per third of the encoder. One "
             "model: OUT/icet_report.{json,md}, OUT/icet_layers.png. Several (--model NAME=PATH, repeatable, or "
             "--models FILE): OUT/NAME/icet_report.* for each. Always OUT/icet_grid.{md,json,png}: model x layer group "
             "(Early/Middle/Late) x metric, and every model's per-layer curves on one plot. Supports LLaVA-1.5, "
@@ -81,7 +82,12 @@ def _register_icet(subparsers: Any) -> None:
     )
     _add_prompt_source(parser, "JSONL prompt file (prompt, image, category, expected per line) instead of --bench.")
     parser.add_argument("--layers", default="all", help="all (default) | a-b | comma list, e.g. 1-12 or 4,8,-2.")
-    parser.add_argument("--judge", default="string", help="string (default) | hf:MODEL | openai:MODEL.")
+    parser.add_argument(
+        "--judge",
+        default="string",
+        help="string (default; detects refusals only: reports a non-refusal rate, not attack success) | hf:MODEL | "
+        "llama-guard-3:MODEL | openai:MODEL (harm judges: attack success).",
+    )
     parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (openai judges).")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="Variable holding the judge API key.")
     parser.add_argument("--reward-model", metavar="hf:MODEL", help="Also report this reward model's mean score.")
@@ -346,9 +352,8 @@ def run_icet(args: argparse.Namespace) -> int:
                 reports[prefix] = report
                 compared = args.compare_gating and gating is not None
                 rows.append((f"{label} (gating {'on' if gating else 'off'})" if compared else label, report))
-                summary = ", ".join(
-                    f"{g} ASR {_pct(v['attack_success_rate'])}" for g, v in report.group_averages().items()
-                )
+                field, title = report.headline[0]  # named for the judge: ASR, or non-refusal from a refusal-only judge
+                summary = ", ".join(f"{g} {title} {_pct(v[field])}" for g, v in report.group_averages().items())
                 gate = "" if gating is None else f" (gating {'on' if gating else 'off'})"
                 print(f"ICET scan of {label}{gate}: {len(report.layers)} layers x {len(items)} prompts; {summary}.")
                 print(f"Report: {paths['markdown']}")
