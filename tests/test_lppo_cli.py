@@ -13,6 +13,9 @@ from safevlm_hf.tiny import build_tiny_reward_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+RUNTIME = ["--no-progress", "--device", "cpu"]  # every command here: quiet, on the CPU
+TINY_PPO = ["--batch-size", "2", "--mini-batch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "2"]
+
 
 @pytest.fixture
 def prompt_file(tmp_path):
@@ -30,23 +33,8 @@ def prompt_file(tmp_path):
 def test_icet_on_a_safevlm_with_gating_on_and_off(saved_safevlm, prompt_file, tmp_path):
     out = tmp_path / "icet"
     code = main(
-        [
-            "icet",
-            "--model",
-            str(saved_safevlm),
-            "--prompts",
-            str(prompt_file),
-            "--layers",
-            "1-2",
-            "--out",
-            str(out),
-            "--compare-gating",
-            "--max-new-tokens",
-            "3",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
+        ["icet", "--model", str(saved_safevlm), "--prompts", str(prompt_file), "--layers", "1-2", "--out", str(out)]
+        + ["--compare-gating", "--max-new-tokens", "3", *RUNTIME]
     )
     assert code == 0
     gated = json.loads((out / "icet_gated_report.json").read_text())
@@ -65,20 +53,8 @@ def test_icet_on_plain_llava_with_a_benchmark_spec(saved_llava, tmp_path, capsys
     )
     out = tmp_path / "icet"
     code = main(
-        [
-            "icet",
-            "--model",
-            str(saved_llava),
-            "--bench",
-            f"xstest:{csv}",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "2",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
+        ["icet", "--model", str(saved_llava), "--bench", f"xstest:{csv}", "--out", str(out), "--max-new-tokens", "2"]
+        + RUNTIME
     )
     assert code == 0
     report = json.loads((out / "icet_report.json").read_text())
@@ -116,19 +92,10 @@ def test_lppo_with_the_safety_head_reward_trains_saves_and_resumes(saved_safevlm
         "safety-head",
         "--out",
         str(out),
-        "--batch-size",
-        "2",
-        "--mini-batch-size",
-        "2",
-        "--ppo-epochs",
-        "1",
-        "--max-new-tokens",
-        "2",
+        *TINY_PPO,
         "--lora-r",
         "4",
-        "--no-progress",
-        "--device",
-        "cpu",
+        *RUNTIME,
     ]
     assert main(args + ["--steps", "2"]) == 0
     log = [json.loads(line) for line in (out / "lppo_log.jsonl").read_text().splitlines()]
@@ -161,19 +128,10 @@ def test_lppo_with_a_hf_reward_model_and_clear_errors(saved_llava, prompt_file, 
         str(saved_llava),
         "--prompts",
         str(prompt_file),
-        "--batch-size",
-        "2",
-        "--mini-batch-size",
-        "2",
-        "--ppo-epochs",
-        "1",
-        "--max-new-tokens",
-        "2",
+        *TINY_PPO,
         "--steps",
         "1",
-        "--no-progress",
-        "--device",
-        "cpu",
+        *RUNTIME,
     ]
     out = tmp_path / "lppo"
     assert main(base + ["--layers", "1-2", "--reward", f"hf:{tmp_path / 'rm'}", "--out", str(out), "--no-merge"]) == 0

@@ -30,6 +30,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from . import judge_check
 
     judge_check.register(subparsers)
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "eval",
         help="Evaluate a model on safety benchmarks and write a report.",

@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
 
 
 def _add_prompt_source(parser: argparse.ArgumentParser, required_help: str) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--bench",
@@ -53,6 +54,7 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_icet(subparsers: Any) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "icet",
         help="Scan which vision-encoder layers make the model unsafe (ICET early exit); one model or a grid of them.",

@@ -36,6 +36,7 @@ def _checked_weights(model: str) -> str:
 
 # --------------------------------------------------------------------------------------------------------- convert
 def _add_convert_parser(subparsers) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "convert",
         help="Convert a LLaVA checkpoint folder into a SafeVLM checkpoint (fresh safety modules).",
@@ -137,6 +138,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, object]] = {
 
 
 def _add_train_parser(subparsers) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "train",
         help="Train a SafeVLM checkpoint: --stage 1 (safety modules) or --stage 2 (LLM).",
