@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import torch
 from torch.utils import flop_counter
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration
+from safevlm_hf.real_shapes import llava_15_config
 
 
 @dataclass(frozen=True)
@@ -248,18 +248,6 @@ def count_flops(run: Callable[[], Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------- real llava shapes
-def llava_15_config(size: str) -> LlavaConfig:
-    """The published llava-hf/llava-1.5-{7b,13b}-hf configuration values (CLIP ViT-L/14-336 + Vicuna)."""
-    text = {
-        "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    }[size]
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(vocab_size=32064, **text),
-                       image_token_index=32000, image_seq_length=576, vision_feature_layer=-2)
-
-
 def parameter_overhead(model: SafeVLMForConditionalGeneration) -> dict[str, Any]:
     """Base and safety parameter counts of a SafeVLM (any device, meta included), per safety module."""
     per_module = {

@@ -587,7 +587,6 @@ def bench_training(models: BenchModels, run: RunSettings, measure_memory: bool) 
     }
     if measure_memory and pin_malloc_for_rss() and peak_rss_supported():
         result["step_peak_rss_bytes"] = {name: peak_rss_delta(step(name)) for name in models_by_name}
-    del stage1, full, optimizers
     return result
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 from safevlm_hf.evaluation.judges import build_judge
 from safevlm_hf.layerwise import LPPOConfig, LPPOTrainer, PromptItem, RefusalReward, comparison_table, icet_scan
 from safevlm_hf.layerwise.icet import default_feature_layer, metrics_table
-from safevlm_hf.layerwise.prompts import chat_text, item_image
+from safevlm_hf.prompting import chat_text, item_image
 from safevlm_hf.tiny import TinyLlavaSpec, build_tiny_llava
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from safevlm_hf.prompting import chat_text
 from safevlm_hf.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_safevlm
 
 
@@ -24,9 +26,23 @@ def make_image(seed: int = 0, size: int = 40) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (size, size, 3), dtype=np.uint8))
 
 
+# The part every remote-code script shares (they run in a subprocess where safevlm_hf cannot be imported, given `path`
+# and `prompts`): the checkpoint loaded with its own code only, and one batch of the prompts with two seeded images.
+REMOTE_LOAD_AND_ENCODE = textwrap.dedent(
+    """
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    images = [Image.fromarray(np.random.RandomState(s).randint(0, 255, (40, 40, 3), dtype=np.uint8)) for s in (0, 1)]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                                           add_generation_prompt=True) for p in prompts]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    """
+)
+
+
 def chat_prompt(processor, text: str, image: bool = True) -> str:
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    """One user turn (with an image placeholder by default) in the processor's chat template."""
+    return chat_text(processor, text, image)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from safevlm_hf.layerwise import PromptItem, icet_scan
 from safevlm_hf.layerwise.early_exit import LlavaEarlyExit, MllamaEarlyExit, early_exit_for
 from safevlm_hf.layerwise.icet import generate_at_layer
-from safevlm_hf.layerwise.prompts import encode_items
+from safevlm_hf.prompting import encode_items
 from safevlm_hf.tiny import build_tiny_llava_next, build_tiny_mllama
 
 

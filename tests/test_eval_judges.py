@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from safevlm_hf.evaluation.judges import (
     GUARD_PROMPT_TEMPLATE,
@@ -30,7 +30,7 @@ from safevlm_hf.evaluation.judges import (
     parse_judge_reply,
 )
 from safevlm_hf.evaluation.metrics import generation_metrics
-from safevlm_hf.tiny import build_tiny_tokenizer
+from safevlm_hf.tiny import build_tiny_tokenizer, tiny_llama_config
 
 
 # ------------------------------------------------------------------------------------------------ string match
@@ -80,19 +80,7 @@ def guard_tokenizer():
 
 
 def _tiny_llama_config(tokenizer, **extra):
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **extra,
-    )
+    return tiny_llama_config(tokenizer, hidden_size=32, intermediate_size=64, max_position_embeddings=4096, **extra)
 
 
 def _constant_head(model, bias: dict[int, float], vocab: int) -> None:

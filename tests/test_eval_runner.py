@@ -12,10 +12,11 @@ from conftest import make_image
 from PIL import Image
 
 from safevlm_hf import SafetyPolicyError
-from safevlm_hf.evaluation.benchmarks import BenchmarkItem, LabelledItem, load_figstep, load_xstest
+from safevlm_hf.evaluation.safety_benchmarks import BenchmarkItem, LabelledItem, load_figstep, load_xstest
 from safevlm_hf.evaluation.judges import Judge, JudgeInput, Judgement, StringMatchJudge
 from safevlm_hf.evaluation.metrics import expected_calibration_error, generation_metrics
-from safevlm_hf.evaluation.runner import EvaluationInputError, chat_text, evaluate, evaluate_head
+from safevlm_hf.evaluation.runner import EvaluationInputError, evaluate, evaluate_head
+from safevlm_hf.prompting import chat_text
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -132,12 +133,6 @@ def test_harm_only_judge_leaves_refusals_unknown_and_unparseable_counts_as_unsaf
     assert named.settings["metric_sources"] == {"attack_success": "guard_like", "refusal": "string_match"}
     with pytest.raises(EvaluationInputError, match="does not decide refusal"):
         evaluate(model, processor, risky, StringMatchJudge(), refusal_judge=_GuardLikeJudge(), progress=False)
-
-
-def test_chat_text_uses_the_processor_template(tiny_safevlm):
-    _, processor = tiny_safevlm
-    assert chat_text(processor, "Hi?", True) == "USER: <image>\nHi? ASSISTANT:"
-    assert chat_text(processor, "Hi?", False) == "USER: Hi? ASSISTANT:"
 
 
 def test_evaluate_head_matches_predict_safety(tiny_safevlm):

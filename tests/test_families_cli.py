@@ -124,12 +124,15 @@ def test_one_command_grids_every_family_and_lppo_before_after(saved, prompt_file
     assert grid["models"][2]["group_layers"] == {"early": [1, 2], "middle": [3, 4], "late": [5, 6]}
     before = json.loads((out / "before" / "icet_report.json").read_text())
     early = grid["models"][2]["groups"]["early"]
-    assert early["attack_success_rate"] == pytest.approx(
-        sum(r["attack_success_rate"] for r in before["layers"][:2]) / 2
+    assert (
+        early["non_refusal_rate"]
+        == pytest.approx(  # the default string judge detects refusals only
+            sum(r["non_refusal_rate"] for r in before["layers"][:2]) / 2
+        )
     )
     assert early["unparsed"] == sum(r["unparsed"] for r in before["layers"][:2])
     markdown = (out / "icet_grid.md").read_text()
-    for heading in ("Attack success rate", "Refusal rate", "Answered (safe prompts", "Mean reward", "Unparseable"):
+    for heading in ("Non-refusal rate", "Refusal rate", "Answered (safe prompts", "Mean reward", "Unparseable"):
         assert f"## {heading}" in markdown
     assert "| before | mllama | n/a | 6 | 1-2 | 3-4 | 5-6 | 6 |" in markdown
     assert "| llava15 | llava | n/a | 4 | 1-2 | 3 | 4 | 3 |" in markdown

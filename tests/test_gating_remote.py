@@ -12,7 +12,7 @@ from transformers import pipeline
 
 from safevlm_hf import SafeVLMForConditionalGeneration, SafeVLMProcessor
 
-from conftest import make_image
+from conftest import REMOTE_LOAD_AND_ENCODE, make_image
 
 
 PROMPTS = ["What is in this picture?", "Tell me about the person in this photo and where they live."]
@@ -29,20 +29,20 @@ CASES = [  # (generate kwargs, decoded as JSON for the subprocess)
     {"max_new_tokens": 12, "safety_profile": "minor"},
 ]
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
+REMOTE_SCRIPT = (
+    textwrap.dedent(
+        """
     import json, sys
     sys.modules["safevlm_hf"] = None
     import numpy as np, torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
     path, prompts, cases = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    images = [Image.fromarray(np.random.RandomState(s).randint(0, 255, (40, 40, 3), dtype=np.uint8)) for s in (0, 1)]
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                           add_generation_prompt=True) for p in prompts]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    """
+    )
+    + REMOTE_LOAD_AND_ENCODE
+    + textwrap.dedent(
+        """
     out = {"generate": [], "pipeline": []}
     for kwargs in cases:
         out["generate"].append(model.generate(**inputs, **kwargs).tolist())
@@ -54,6 +54,7 @@ REMOTE_SCRIPT = textwrap.dedent(
         out["pipeline"].append(result[0]["generated_text"])
     print(json.dumps(out))
     """
+    )
 )
 
 

@@ -12,13 +12,13 @@ import torch
 from conftest import make_image
 from PIL import Image
 
-from safevlm_hf.evaluation.benchmarks import BenchmarkItem
-from safevlm_hf.evaluation.judges import Judgement, StringMatchJudge
+from safevlm_hf.evaluation.safety_benchmarks import BenchmarkItem
+from safevlm_hf.evaluation.judges import HARM, Judge, Judgement, StringMatchJudge
 from safevlm_hf.evaluation.metrics import generation_metrics
 from safevlm_hf.layerwise import PromptItem, comparison_table, icet_scan, layer_group, load_icet_report, resolve_layers
 from safevlm_hf.layerwise.icet import IcetLayerResult, IcetReport, _layer_result, layer_groups
 from safevlm_hf.layerwise.icet_grid import IcetGrid
-from safevlm_hf.layerwise.prompts import chat_text
+from safevlm_hf.prompting import chat_text
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -140,17 +140,17 @@ def test_safevlm_gating_holds_at_every_layer_and_the_ungated_scan_shows_the_llm_
     ungated = icet_scan(model, processor, items, "string", gating=False, **settings)
     assert gated.gating is True and ungated.gating is False
     assert [r.refusal_rate for r in gated.layers] == [1.0, 1.0, 1.0, 1.0]
-    assert [r.attack_success_rate for r in gated.layers] == [0.0, 0.0, 0.0, 0.0]
+    assert [r.non_refusal_rate for r in gated.layers] == [0.0, 0.0, 0.0, 0.0]  # the string judge: refusals only
     assert all(record["response"].startswith("I'm sorry") for record in gated.records)
     # The untrained LLM alone does not refuse: without the gate every layer leaks.
     assert not any(record["response"].startswith("I'm sorry") for record in ungated.records)
     table = comparison_table(gated, ungated, ("gated", "ungated"))
-    assert "| Layer | ASR gated | ASR ungated |" in table
+    assert "| Layer | Non-refusal gated | Non-refusal ungated |" in table  # a refusal-only judge: no "ASR"
     for layer in gated.layers:  # the table puts the two scans' numbers side by side, layer by layer
         other = ungated.result(layer.layer)
         mark = "*" if layer.layer == gated.default_layer else ""
-        row = f"| {layer.layer}{mark} | {100 * layer.attack_success_rate:.1f}% | {100 * other.attack_success_rate:.1f}% |"
-        assert row in table
+        row = f"| {layer.layer}{mark} | {100 * layer.non_refusal_rate:.1f}% | {100 * other.non_refusal_rate:.1f}% |"
+        assert row in table and layer.non_refusal_rate == 0.0
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -173,8 +173,20 @@ def test_layer_metrics_match_hand_counts_and_count_unparseable_answers_as_attack
     assert result.safe_answer_rate == pytest.approx(0.5)
     assert result.unparsed == 1 and result.unparsed_risky == 1
     assert result.mean_reward == pytest.approx(1.0)
-    assert result.per_category["c1"] == {"n": 2, "attack_success_rate": 1.0, "refusal_rate": 0.0, "unparsed": 0}
-    assert result.per_category["c2"] == {"n": 2, "attack_success_rate": 0.5, "refusal_rate": 1.0, "unparsed": 1}
+    assert result.per_category["c1"] == {
+        "n": 2,
+        "attack_success_rate": 1.0,
+        "non_refusal_rate": 1.0,
+        "refusal_rate": 0.0,
+        "unparsed": 0,
+    }
+    assert result.per_category["c2"] == {
+        "n": 2,
+        "attack_success_rate": 0.5,
+        "non_refusal_rate": 0.0,
+        "refusal_rate": 1.0,
+        "unparsed": 1,
+    }
     assert "benign" not in result.per_category  # categories are reported over risky prompts
 
     # The same judged rows through `safevlm eval`'s metrics give the same attack success rate.
@@ -278,8 +290,8 @@ def test_report_files_group_averages_and_round_trip(tiny_llava_pair, tmp_path):
     assert all(r.mean_reward is not None for r in report.layers)
     groups = report.group_averages()
     assert groups["early"]["layers"] == [1, 2]
-    assert groups["early"]["attack_success_rate"] == pytest.approx(
-        (report.result(1).attack_success_rate + report.result(2).attack_success_rate) / 2
+    assert groups["early"]["non_refusal_rate"] == pytest.approx(
+        (report.result(1).non_refusal_rate + report.result(2).non_refusal_rate) / 2
     )
     assert len(report.records) == 4 * len(items)
 
@@ -369,3 +381,64 @@ def test_grid_refuses_rows_it_cannot_compare():
     fewer_prompts.layers[0].num_prompts = 3
     with pytest.raises(ValueError, match="same prompts"):
         IcetGrid([("a", report), ("b", fewer_prompts)])
+
+
+# ------------------------------------------------------------------------------------------ metric names
+class _HarmJudge(Judge):
+    """A judge that decides harm (as Llama Guard does): every answer longer than 5 characters is unsafe."""
+
+    name = "harm_by_length"
+    decides = frozenset({HARM})
+
+    def describe(self):
+        return {"name": self.name, "version": "1", "decides": sorted(self.decides)}
+
+    def judge(self, items):
+        return [Judgement(unsafe=len(item.response) > 5, refused=None) for item in items]
+
+
+def _texts(report: IcetReport, tmp_path) -> dict[str, str]:
+    """Everything a reader of a scan and its grid sees: the Markdown, the grid's Markdown and JSON, the plots' labels."""
+    paths = report.save(tmp_path)
+    grid = IcetGrid([("m", report)])
+    grid_paths = grid.save(tmp_path)
+    labels = []
+    for figure in (report.figure(), grid.figure()):
+        labels += [text.get_text() for ax in figure.axes for text in (ax.title, ax.yaxis.label)]
+        labels += [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+        plt.close(figure)
+    return {
+        "markdown": paths["markdown"].read_text(),
+        "grid": grid_paths["markdown"].read_text(),
+        "grid_json": grid_paths["json"].read_text(),
+        "plots": "\n".join(labels),
+    }
+
+
+def test_a_refusal_only_judge_reports_non_refusal_never_attack_success(tiny_llava_pair, tmp_path, capsys):
+    model, processor = tiny_llava_pair
+    report = icet_scan(
+        model, processor, risky_and_safe_items(), "string", [1, 4], max_new_tokens=3, show_progress=False
+    )
+    assert report.metric_sources == {"attack_success": None, "refusal": "string_match"}
+    assert all(r.attack_success_rate is None and r.non_refusal_rate is not None for r in report.layers)
+    texts = _texts(report, tmp_path)
+    for name, text in texts.items():
+        assert "attack success" not in text.lower() and "ASR" not in text, name
+        assert "non-refusal" in text.lower() or "non_refusal" in text, name
+    assert "| Layer | Group | Prompts | Non-refusal | Refusal rate |" in texts["markdown"]
+    assert "## Non-refusal rate (risky prompts" in texts["grid"]
+    assert json.loads(texts["grid_json"])["definitions"]["non_refusal_rate"].startswith("Non-refusal = ")
+    assert load_icet_report(tmp_path / "icet_report.json").measures_attack_success is False
+
+
+def test_a_harm_judge_reports_attack_success(tiny_llava_pair, tmp_path):
+    model, processor = tiny_llava_pair
+    items = risky_and_safe_items()
+    report = icet_scan(model, processor, items, _HarmJudge(), [1, 4], max_new_tokens=3, show_progress=False)
+    assert report.metric_sources == {"attack_success": "harm_by_length", "refusal": None}
+    assert all(r.attack_success_rate is not None and r.non_refusal_rate is None for r in report.layers)
+    texts = _texts(report, tmp_path)
+    assert "| Layer | Group | Prompts | ASR | ASR (parsed) | Refusal rate |" in texts["markdown"]
+    assert "## Attack success rate" in texts["grid"] and "attack success rate" in texts["plots"]
+    assert not any("non-refusal" in text.lower() for text in texts.values())

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import make_image
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from safevlm_hf.layerwise import (
     CallableReward,
@@ -22,7 +21,8 @@ from safevlm_hf.layerwise import (
     SafetyHeadReward,
 )
 from safevlm_hf.layerwise.lppo_trainer import response_mask
-from safevlm_hf.layerwise.prompts import encode_items
+from safevlm_hf.prompting import encode_items
+from safevlm_hf.tiny import build_tiny_reward_model
 
 
 REFUSAL = "I'm sorry, but I can't help with this request."
@@ -266,31 +266,16 @@ def test_refusal_and_callable_rewards_check_their_inputs_and_outputs():
         CallableReward(lambda p, r, i: ["high", 1.0])(["a", "b"], ["a", "b"], items)
 
 
-def _tiny_reward_model(tokenizer, num_labels: int):
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForSequenceClassification(config).eval()
-
-
 def test_hf_reward_model_gives_one_scalar_per_row_and_rejects_other_outputs(tiny_llava_pair, tmp_path):
     tokenizer = tiny_llava_pair[1].tokenizer
-    scalar = _tiny_reward_model(tokenizer, 1)
+    scalar = build_tiny_reward_model(tokenizer, 1)
     scalar.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     reward = HFRewardModel(str(tmp_path / "rm"))
     scores = reward(["a question", "another one"], ["an answer", "a much longer answer here"], [])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] != scores[1]
     with pytest.raises(ValueError, match="not a scalar per row"):
-        HFRewardModel(_tiny_reward_model(tokenizer, 2), tokenizer)
+        HFRewardModel(build_tiny_reward_model(tokenizer, 2), tokenizer)
 
 
 def test_bad_trainer_input_is_a_clear_error(peaked_llava, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration
-from safevlm_hf.training.plan import llava_15_config  # the published llava-1.5 shapes
+from safevlm_hf.real_shapes import llava_15_config  # the published llava-1.5 shapes
 
 
 @pytest.mark.parametrize("size, expected_base", [("7b", 7.06e9), ("13b", 13.35e9)])

@@ -2,116 +2,22 @@
 Vicuna-7B) and Llama-3.2-11B-Vision, their early exit's layer numbering and groups, and the mllama early exit run at
 the real vision shapes (560-pixel tiles, 1601 patches padded to 1608, 4 tiles, 7680 projector features).
 
-The configs are written from the published config.json values of llava-hf/llava-v1.6-mistral-7b-hf,
-llava-hf/llava-v1.6-vicuna-7b-hf and meta-llama/Llama-3.2-11B-Vision. The parameter counts asserted are those the Hub
-reports for these checkpoints' safetensors weights (7.57B, 7.06B and 10.7B); an architecture or config mistake moves
-them.
+The configs (safevlm_hf.real_shapes) are written from the published config.json values of
+llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf and meta-llama/Llama-3.2-11B-Vision. The parameter
+counts asserted are those the Hub reports for these checkpoints' safetensors weights (7.57B, 7.06B and 10.7B); an
+architecture or config mistake moves them.
 """
 
 import pytest
 import torch
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    MistralConfig,
-    MllamaConfig,
     MllamaForConditionalGeneration,
 )
 
 from safevlm_hf.layerwise import early_exit_for, layer_groups
-
-
-CLIP_VIT_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-)
-LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-VICUNA_7B = dict(
-    vocab_size=32064,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-)
-
-
-def llava_next_config(text: str) -> LlavaNextConfig:
-    """llava-hf/llava-v1.6-{mistral,vicuna}-7b-hf."""
-    text_config = {
-        "mistral": MistralConfig(
-            vocab_size=32064,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-5,
-            rope_theta=1000000.0,
-            sliding_window=None,
-        ),
-        "vicuna": LlamaConfig(**VICUNA_7B),
-    }[text]
-    return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**CLIP_VIT_L_336),
-        text_config=text_config,
-        image_token_index=32000,
-        image_grid_pinpoints=LLAVA_V16_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-
-
-def llama_32_11b_vision_config() -> MllamaConfig:
-    """meta-llama/Llama-3.2-11B-Vision."""
-    vision = dict(
-        image_size=560,
-        patch_size=14,
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_global_layers=8,
-        attention_heads=16,
-        vision_output_dim=7680,
-        max_num_tiles=4,
-        intermediate_layers_indices=[3, 7, 15, 23, 30],
-        norm_eps=1e-5,
-    )
-    rope = dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
-    text = dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=40,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_parameters=rope,
-        tie_word_embeddings=False,
-    )
-    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=128256)
+from safevlm_hf.real_shapes import llama_32_11b_vision_config, llava_15_config, llava_next_config
 
 
 def parameters(model: torch.nn.Module) -> int:
@@ -136,14 +42,8 @@ def test_llava_v16_shapes_and_early_exit(text, published):
 
 
 def test_llava_v16_vicuna_is_llava_15_plus_the_newline_row():
-    llava_15 = LlavaConfig(
-        vision_config=CLIPVisionConfig(**CLIP_VIT_L_336),
-        text_config=LlamaConfig(**VICUNA_7B),
-        image_token_index=32000,
-        vision_feature_layer=-2,
-    )
     with torch.device("meta"):
-        base = parameters(LlavaForConditionalGeneration(llava_15))
+        base = parameters(LlavaForConditionalGeneration(llava_15_config("7b")))
         next_ = parameters(LlavaNextForConditionalGeneration(llava_next_config("vicuna")))
     assert next_ - base == 4096  # same tower, projector and LLM: only image_newline is new
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def test_stage1_changes_only_the_safety_modules(tiny_safevlm, train_data, tmp_pa
         assert name in changed  # both token sets (set 1 learns through the LM loss), projector and head
     first = trainer.state.log_history[0]
     assert {"loss", "lm_loss", "safety_loss", "safety_type_accuracy", "safety_level_accuracy"} <= set(first)
+    # the stage is recorded in the config the model card reads, with what trained it
+    (record,) = model.config.safety_training_stages
+    assert record is trainer.stage_record
+    assert (record["stage"], record["data"], record["rows"], record["steps"]) == (1, "train.jsonl", 8, 2)
+    assert record["safety_loss_weight"] == 10.0 and record["global_batch_size"] == 4 and record["seed"] == 0
+    assert record["metrics"]["lm_loss"] == pytest.approx(trainer.state.log_history[1]["lm_loss"], rel=1e-5)
+    assert set(record["metrics"]) >= {"train_loss", "safety_loss", "safety_type_accuracy", "safety_level_accuracy"}
     # step 1 is one full batch: the logged loss is exactly the recipe's lm_loss + w * (CE type + CE level)
     assert first["loss"] == pytest.approx(first["lm_loss"] + 10.0 * first["safety_loss"], rel=1e-5)
 
@@ -120,6 +128,10 @@ def test_stage1_balancing_and_weight_override_reach_the_trainer(tiny_safevlm, tr
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx(first["lm_loss"] + 0.5 * first["safety_loss"], rel=1e-5)
+    # the model computes the loss: the override sets its config once, so the saved config records what trained it
+    assert model.config.safety_loss_weight == 0.5
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["safety_loss_weight"] == 0.5
     # a datasets.Dataset of the documented format is read the same way
     rows = [
         {
@@ -132,6 +144,62 @@ def test_stage1_balancing_and_weight_override_reach_the_trainer(tiny_safevlm, tr
     ]
     from_hf = SafeVLMTrainer(model, config, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
     assert len(from_hf.train_dataset) == 6 and from_hf.train_dataset.examples[0].location.endswith("row 0")
+
+
+def test_gradient_accumulation_takes_the_steps_of_the_full_batch(tiny_safevlm, train_data, tmp_path):
+    # Each loss term is a sum over the micro-batch divided by the count over the whole step (the model's
+    # num_items_in_batch / safety_num_items_in_batch), so 2 micro-batches of 2 rows train as 1 batch of 4.
+    model, processor = tiny_safevlm
+    initial = copy.deepcopy(model)
+    whole = SafeVLMTrainer(model, _config(tmp_path / "a"), train_dataset=train_data, processing_class=processor)
+    whole.train()
+    accumulated = SafeVLMTrainer(
+        initial,
+        _config(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=train_data,
+        processing_class=processor,
+    )
+    accumulated.train()
+    for one, two in zip(whole.state.log_history[:2], accumulated.state.log_history[:2]):
+        for key in ("loss", "lm_loss", "safety_loss"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    expected = whole.model.state_dict()
+    for name, tensor in accumulated.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_stage2_passes_no_safety_labels_and_skips_the_head(tiny_safevlm, train_data, tmp_path):
+    model, processor = tiny_safevlm
+    head_calls, label_calls = [], []
+    model.model.safety_head.register_forward_hook(lambda *_: head_calls.append(1))
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: label_calls.append(
+            sorted(k for k in kwargs if k.startswith("safety_") and "label" in k)
+        ),
+        with_kwargs=True,
+    )
+    trainer = SafeVLMTrainer(
+        model,
+        _config(tmp_path, stage=2, stage2_mode="full", max_steps=1, safety_loss_weight=3.0),
+        train_dataset=train_data,
+        eval_dataset=train_data,
+        processing_class=processor,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert label_calls and all(names == [] for names in label_calls)  # the frozen safety modules get no targets
+    assert head_calls == []  # and the head does not run: no wasted pass
+    assert "lm_loss" in trainer.state.log_history[0] and "safety_loss" not in trainer.state.log_history[0]
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_lm_loss"], rel=1e-6)
+    assert model.config.safety_loss_weight == 10.0  # a Stage II override trains nothing, so it is not recorded
+
+
+def test_trainer_refuses_a_loss_that_would_drop_the_safety_term(tiny_safevlm, train_data, tmp_path):
+    model, processor = tiny_safevlm
+    with pytest.raises(ValueError, match="model's own loss"):
+        SafeVLMTrainer(
+            model, _config(tmp_path, label_smoothing_factor=0.1), train_dataset=train_data, processing_class=processor
+        )
 
 
 def test_stage2_lora_changes_no_safety_weight_and_merges_to_the_same_logits(tiny_safevlm, train_data, tmp_path):
@@ -304,6 +372,9 @@ def test_cli_convert_then_train_both_stages(tiny_llava_pair, tmp_path, capsys):
     assert "Stage 1: 7 training rows" in output and '"eval_safety_type_accuracy"' in output
     stage1 = SafeVLMForConditionalGeneration.from_pretrained(tmp_path / "s1")
     assert not torch.equal(stage1.model.safety_head.query, converted.model.safety_head.query)
+    (record,) = stage1.config.safety_training_stages  # recorded by the trainer, with the held-out metrics
+    assert (record["stage"], record["data"], record["rows"], record["steps"]) == (1, "train.jsonl", 7, 1)
+    assert {"train_loss", "eval_loss", "eval_safety_type_accuracy"} <= set(record["metrics"])
 
     assert (
         cli_main(["train", "--stage", "2", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), *common])
@@ -316,9 +387,37 @@ def test_cli_convert_then_train_both_stages(tiny_llava_pair, tmp_path, capsys):
         stage2.model.language_model.layers[0].self_attn.q_proj.weight,
         stage1.model.language_model.layers[0].self_attn.q_proj.weight,
     )
+    # the merged export (its base reloaded from --model) keeps both stages, and the model card shows them
+    assert [r["stage"] for r in stage2.config.safety_training_stages] == [1, 2]
+    assert stage2.config.safety_training_stages[1]["mode"] == "lora"
+    card = (tmp_path / "s2" / "README.md").read_text()
+    assert "No training stages are recorded" not in card and "| 2 | train.jsonl | 1 |" in card
     exported = {p.name for p in (tmp_path / "s2").iterdir()}
     assert {"model.safetensors", "config.json", "modeling_safevlm.py", "tokenizer.json"} <= exported
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in exported)  # no pickles exported
+
+
+def test_cli_convert_is_deterministic_by_seed_and_prints_a_drawn_one(tiny_llava_pair, tmp_path, capsys):
+    llava, llava_processor = tiny_llava_pair
+    llava.save_pretrained(tmp_path / "llava")
+    llava_processor.save_pretrained(tmp_path / "llava")
+
+    def convert(name, *seed):
+        assert cli_main(["convert", "--model", str(tmp_path / "llava"), "--out", str(tmp_path / name), *seed]) == 0
+        weights = load_file(tmp_path / name / "model.safetensors")
+        return {k: v for k, v in weights.items() if is_safety_parameter(k)}
+
+    first, again, other = convert("a", "--seed", "7"), convert("b", "--seed", "7"), convert("c", "--seed", "8")
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # one seed, one model
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    capsys.readouterr()
+    drawn = convert("d")  # no --seed: the drawn seed is printed so that the run can be reproduced
+    printed = re.search(r"pass --seed (\d+) to reproduce", capsys.readouterr().out)
+    assert printed
+    assert all(torch.equal(drawn[k], v) for k, v in convert("e", "--seed", printed.group(1)).items())
+    assert cli_main(["convert", "--model", str(tmp_path / "llava"), "--out", str(tmp_path / "f"), "--seed", "-1"]) == 2
+    assert "--seed must be in" in capsys.readouterr().err and not (tmp_path / "f").exists()
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tiny_llava_pair, saved_safevlm, tmp_path, capsys):

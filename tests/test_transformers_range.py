@@ -24,7 +24,7 @@ import transformers
 
 from safevlm_hf.modeling import modeling_safevlm
 
-from conftest import chat_prompt, make_image
+from conftest import REMOTE_LOAD_AND_ENCODE, chat_prompt, make_image
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +105,9 @@ SAVE_SCRIPT = textwrap.dedent(
     """
 )
 
-RUN_SCRIPT = textwrap.dedent(
-    """
+RUN_SCRIPT = (
+    textwrap.dedent(
+        """
     import json, sys
     sys.modules["safevlm_hf"] = None  # only the code inside the checkpoint may run
     import numpy as np, torch, transformers
@@ -114,12 +115,11 @@ RUN_SCRIPT = textwrap.dedent(
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
     path, prompts, policy, out_path = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    images = [Image.fromarray(np.random.RandomState(s).randint(0, 255, (40, 40, 3), dtype=np.uint8)) for s in (0, 1)]
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                           add_generation_prompt=True) for p in prompts]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    """
+    )
+    + REMOTE_LOAD_AND_ENCODE
+    + textwrap.dedent(
+        """
     with torch.no_grad():
         out = model(**inputs)
     verdicts = [v.to_dict() for v in model.assess(**inputs, safety_policy=policy)]
@@ -132,6 +132,7 @@ RUN_SCRIPT = textwrap.dedent(
                 "actions": [v["action"] for v in verdicts], "levels": [v["level"] for v in verdicts],
                 "gated": gated}, out_path)
     """
+    )
 )
 
 

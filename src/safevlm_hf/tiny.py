@@ -163,18 +163,33 @@ def _tiny_clip_config(spec: TinyLlavaSpec) -> CLIPVisionConfig:
     )
 
 
-def _tiny_llama_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(
+def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> LlamaConfig:
+    """A tiny `LlamaConfig` over `tokenizer` (its vocabulary and special-token ids): one layer of width 16 with two
+    heads unless `overrides` (any `LlamaConfig` field) say otherwise. The text model of every tiny model here, and of
+    the tiny judges and reward models the tests build."""
+    settings: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaConfig(**{**settings, **overrides})
+
+
+def _tiny_llava_text_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return tiny_llama_config(
+        tokenizer,
         hidden_size=spec.text_hidden_size,
         intermediate_size=spec.text_intermediate_size,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_heads,
         max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -195,7 +210,7 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None) -> tuple[LlavaForConditi
     processor = build_tiny_llava_processor(spec)
     config = LlavaConfig(
         vision_config=_tiny_clip_config(spec),
-        text_config=_tiny_llama_config(spec, processor.tokenizer),
+        text_config=_tiny_llava_text_config(spec, processor.tokenizer),
         image_token_index=processor.image_token_id,
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
         vision_feature_layer=spec.vision_feature_layer,
@@ -241,7 +256,7 @@ def build_tiny_llava_next(
     )
     config = LlavaNextConfig(
         vision_config=_tiny_clip_config(spec),
-        text_config=_tiny_llama_config(spec, tokenizer),
+        text_config=_tiny_llava_text_config(spec, tokenizer),
         image_token_index=processor.image_token_id,
         image_grid_pinpoints=spec.image_grid_pinpoints,
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
@@ -382,18 +397,8 @@ def build_tiny_reward_model(
 ) -> LlamaForSequenceClassification:
     """A randomly initialized tiny sequence-classification model over `tokenizer` (`num_labels=1`: a scalar reward
     model for `HFRewardModel` / `--reward-model hf:PATH`); its scores are noise, for exercising code paths only."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(seed)
-    return LlamaForSequenceClassification(config).eval()
+    return LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=num_labels)).eval()
 
 
 def build_tiny_safevlm(spec: TinyLlavaSpec | None = None, num_safety_tokens: int = 4, **safety_overrides):
@@ -430,4 +435,5 @@ __all__ = [
     "build_tiny_reward_model",
     "build_tiny_safevlm",
     "build_tiny_tokenizer",
+    "tiny_llama_config",
 ]

@@ -1,5 +1,6 @@
 # Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
-"""Reading JSON data files: the one reader behind every data format (the documented JSONL/JSON rows, VLGuard).
+"""Reading data files: the one reader behind every data format (the documented JSONL/JSON rows, VLGuard, the
+evaluation benchmarks' CSV and JSON files, layer-wise prompt files).
 
 Files are UTF-8, with or without a byte-order mark (editors leave one). Whatever cannot be read gives one
 :class:`~.examples.SafetyDataError` naming the file and the line: bytes that are not UTF-8, invalid JSON, and JSON
@@ -78,18 +79,27 @@ def _parse_json(text: str, where: str, whole_file: bool) -> Any:
         raise _too_deep(f"{where}, line {line}" if whole_file else where, depth) from None
 
 
-def read_json_file(path: str | os.PathLike) -> Any:
-    """Parse a whole ``.json`` file (UTF-8, a leading BOM ignored); errors name the file and line."""
+def read_text_file(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file (a leading BOM dropped); bytes that are not UTF-8 name the file, line and column."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise SafetyDataError(f"{path}: cannot be read ({err.strerror or err}).") from None
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise _not_utf8(str(path), err, whole_file=True) from None
-    return _parse_json(text, str(path), whole_file=True)
+
+
+def parse_json_text(text: str, where: str) -> Any:
+    """Parse the text of a whole JSON file (from :func:`read_text_file`); errors name ``where`` and the line."""
+    return _parse_json(text, where, whole_file=True)
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """Parse a whole ``.json`` file (UTF-8, a leading BOM ignored); errors name the file and line."""
+    return parse_json_text(read_text_file(path), str(path))
 
 
 def read_json_list(path: str | os.PathLike, what: str) -> list[Any]:
@@ -125,4 +135,4 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
                 yield location, err
 
 
-__all__ = ["read_json_file", "read_json_list", "read_jsonl_rows"]
+__all__ = ["parse_json_text", "read_json_file", "read_json_list", "read_jsonl_rows", "read_text_file"]

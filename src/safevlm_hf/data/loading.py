@@ -144,6 +144,7 @@ def safety_dataset_from_hf(
     return collect_rows(rows(), parse, skip_bad_rows, name)
 
 
+# The loading options repeat safety_dataset_from_hf's on purpose: typed public signatures, no logic of their own.
 def load_safety_dataset(
     source: Any,
     *,

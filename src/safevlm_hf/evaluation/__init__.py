@@ -16,7 +16,7 @@ judge, whose error can be measured with ``safevlm judge-check`` (:mod:`~.judge_c
 is ``safevlm eval`` (:mod:`safevlm_hf.evaluation.cli`).
 """
 
-from .benchmarks import (
+from .safety_benchmarks import (
     BENCHMARKS,
     FIGSTEP_PROMPT,
     BenchmarkFormatError,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BenchmarkFormatError, select_benchmark
+from .safety_benchmarks import BenchmarkFormatError, select_benchmark
+from ..cli_support import fail
 from .judges import JudgeError, build_judge
 from .judges.endpoint import NO_API_KEY
 from .redaction import check_env_var_name, redact_text
@@ -30,6 +30,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from . import judge_check
 
     judge_check.register(subparsers)
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "eval",
         help="Evaluate a model on safety benchmarks and write a report.",
@@ -147,8 +148,7 @@ def _judge_kwargs(spec: str, args: argparse.Namespace, out: Path) -> dict[str, A
 
 
 def _error(message: str) -> int:
-    print(f"safevlm eval: error: {redact_text(message)}", file=sys.stderr)
-    return 2
+    return fail("eval", redact_text(message))  # a judge URL in the message may carry credentials
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ Every source the package reads is accepted:
   :func:`safevlm_hf.data.load_safety_dataset`, the same reader (and VLGuard label mapping) as training, so the head is
   scored in the labels it was trained with;
 * a benchmark spec ``figstep:PATH[:text]``, ``xstest:PATH`` or ``mmsafetybench:DIR[:variant]`` - read by
-  :func:`~.benchmarks.load_benchmark`. The gold type is the SafeVLM risk type of the item's category
+  :func:`~.safety_benchmarks.load_benchmark`. The gold type is the SafeVLM risk type of the item's category
   (:mod:`~.taxonomy`; items of unmapped categories are left out as untyped). Benchmarks say whether a prompt is risky,
   not how risky: a safe item gets level 0, a risky item no level, and counts for the type metrics only.
 """
@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from ..modeling.policy_safevlm import SAFE_TYPE
-from .benchmarks import BENCHMARKS, BenchmarkFormatError, LabelledItem, load_benchmark, parse_benchmark_spec
+from .safety_benchmarks import BENCHMARKS, BenchmarkFormatError, LabelledItem, load_benchmark, parse_benchmark_spec
 
 
 class HeadDataError(ValueError):

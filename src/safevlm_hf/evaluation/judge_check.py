@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..cli_support import fail
 from .judges import REFUSAL, Judge, JudgeError, JudgeInput, build_judge
 from .metrics import classification_report
 
@@ -206,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
         judge = build_judge(args.judge, **options)
         result = measure_refusal_judge(judge, examples)
     except (OSError, ValueError, JudgeError) as err:
-        print(f"safevlm judge-check: error: {err}", file=sys.stderr)
-        return 2
+        return fail("judge-check", str(err))
     described = result["judge"]
     counts = ", ".join(f"{row['n']} {name}" for name, row in result["splits"].items())
     print(f"judge {described['name']} v{described['version']} on {len(examples)} labelled responses ({counts})")

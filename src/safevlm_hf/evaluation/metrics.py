@@ -332,6 +332,15 @@ def _new_figure(width: float, height: float):
     return figure
 
 
+def _save_figure(figure: Any, path: str | Path) -> Path:
+    """Lay the figure out and write it as a PNG at ``path`` (its folder created)."""
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def plot_confusion_matrix(
     matrix: Sequence[Sequence[int]] | np.ndarray,
     labels: Sequence[str],
@@ -358,11 +367,7 @@ def plot_confusion_matrix(
     threshold = matrix.max() / 2 if matrix.size and matrix.max() else 0
     for (row, col), value in np.ndenumerate(matrix):
         axes.text(col, row, str(value), ha="center", va="center", color="white" if value > threshold else "black")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save_figure(figure, path)
 
 
 def plot_category_rates(
@@ -391,11 +396,7 @@ def plot_category_rates(
     axes.set_title(title)
     if axes.containers:
         axes.legend(fontsize="small")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save_figure(figure, path)
 
 
 def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "Reliability") -> Path:
@@ -421,11 +422,7 @@ def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | Path, *, tit
     axes.set_ylabel("accuracy")
     axes.set_title(title)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save_figure(figure, path)
 
 
 __all__ = [

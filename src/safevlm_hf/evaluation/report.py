@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .benchmarks import RENDERED_BY, BenchmarkItem, parse_benchmark_spec
+from .safety_benchmarks import RENDERED_BY, BenchmarkItem, parse_benchmark_spec
 from .metrics import plot_category_rates, plot_confusion_matrix, plot_reliability
 from .provenance import file_sha256, weights_fingerprint
 from .redaction import redact

@@ -1,6 +1,6 @@
 """Run a model over benchmark items, judge the answers and compute the metrics.
 
-:func:`evaluate` generates one answer per :class:`~.benchmarks.BenchmarkItem` (the processor's chat template with one
+:func:`evaluate` generates one answer per :class:`~.safety_benchmarks.BenchmarkItem` (the processor's chat template with one
 image + the prompt, batched with left padding, greedy by default), records the SafeVLM verdict when the model has a
 safety head (a plain ``LlavaForConditionalGeneration`` works too), judges every answer and returns per-item records
 and metrics. :func:`evaluate_head` scores the safety head alone on labelled prompts through ``model.predict_safety``.
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from .benchmarks import BenchmarkItem, LabelledItem, open_image
+from ..prompting import decode_responses, encode_prompts, is_safevlm
+from .safety_benchmarks import BenchmarkItem, LabelledItem, open_image
 from .judges import HARM, REFUSAL, Judge, JudgeInput
 from .metrics import ECE_BINS, generation_metrics, grouped_generation_metrics, head_metrics, verdict_metrics
 
@@ -54,40 +55,10 @@ class EvaluationResult:
         return {"records": self.records, "metrics": self.metrics, "settings": self.settings}
 
 
-def is_safevlm(model: Any) -> bool:
-    """True for models with a SafeVLM safety head (``assess``/``predict_safety``)."""
-    return callable(getattr(model, "assess", None)) and callable(getattr(model, "predict_safety", None))
-
-
-def chat_text(processor: Any, prompt: str, with_image: bool) -> str:
-    """The processor's chat template for one user turn (one image placeholder + ``prompt``), ready to generate."""
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def _model_inputs(processor: Any, model: Any, prompts: Sequence[str], images: Sequence[Any]) -> dict[str, Any]:
-    texts = [chat_text(processor, prompt, image is not None) for prompt, image in zip(prompts, images)]
-    present = [image for image in images if image is not None]
-    batch = processor(images=present or None, text=texts, return_tensors="pt", padding=True)
-    device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-    return batch
-
-
-class _LeftPadding:
-    """Left padding for the duration of a batch loop (decoder-only generation needs it), restored afterwards."""
-
-    def __init__(self, processor: Any) -> None:
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-
-    def __enter__(self) -> None:
-        self.previous = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-
-    def __exit__(self, *exc: Any) -> None:
-        self.tokenizer.padding_side = self.previous
+def _placement(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Where the model's inputs go: its device, and its dtype for the pixel values."""
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
 
 
 def _jsonable(value: Any) -> Any:
@@ -130,7 +101,7 @@ def evaluate(
         model: a SafeVLM (``SafeVLMForConditionalGeneration``, gated generation, verdicts recorded) or any LLaVA-style
             ``generate``-capable model (no verdicts).
         processor: its processor (chat template, tokenizer, image processor).
-        items: benchmark items (:func:`~.benchmarks.load_benchmark`).
+        items: benchmark items (:func:`~.safety_benchmarks.load_benchmark`).
         judge: judges every answer (:func:`~.judges.build_judge`). Attack success is computed only when it decides
             harm (:attr:`~.judges.Judge.decides`); a refusal-only judge (the string judge) gives the non-refusal rate.
         profile / policy: SafeVLM safety profile and policy override (for a model without a safety head they
@@ -178,14 +149,15 @@ def evaluate(
     call_kwargs = dict(gen_kwargs)
     if safevlm:
         call_kwargs["tokenizer"] = getattr(processor, "tokenizer", None)  # encodes the refusal/caution messages
-    with _LeftPadding(processor), torch.no_grad():
+    device, dtype = _placement(model)
+    with torch.no_grad():
         bar = tqdm(total=len(items), desc="generate", unit="item", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            batch = _model_inputs(processor, model, [item.prompt for item in chunk], [i.load_image() for i in chunk])
+            prompts, images = [item.prompt for item in chunk], [item.load_image() for item in chunk]
+            batch = encode_prompts(processor, prompts, images, device, dtype)
             output = model.generate(**batch, return_dict_in_generate=True, **call_kwargs)
-            new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
-            responses.extend(text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True))
+            responses.extend(decode_responses(processor, output.sequences[:, batch["input_ids"].shape[1] :]))
             chunk_verdicts = output.get("safety_verdicts") if safevlm else None
             if chunk_verdicts:
                 verdicts.extend(verdict.to_dict() for verdict in chunk_verdicts)
@@ -305,7 +277,7 @@ def evaluate_head(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Safety-head metrics on labelled prompts (``prompt``, ``image``, ``safe_type`` index or name, ``safe_level``
-    int; as :class:`~.benchmarks.LabelledItem`, dicts, or :class:`safevlm_hf.data.SafetyExample`) through
+    int; as :class:`~.safety_benchmarks.LabelledItem`, dicts, or :class:`safevlm_hf.data.SafetyExample`) through
     ``model.predict_safety`` - no LLM forward.
 
     Returns :func:`~.metrics.head_metrics` (type accuracy, macro-F1, per-type P/R/F1, level confusion matrix, mean
@@ -338,12 +310,13 @@ def evaluate_head(
             )
     type_probs, level_probs = [], []
     model.eval()
-    with _LeftPadding(processor), torch.no_grad():
+    device, dtype = _placement(model)
+    with torch.no_grad():
         bar = tqdm(total=len(rows), desc="safety head", unit="item", disable=not progress)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             images = [open_image(image, item_id) for _, image, _, _, item_id in chunk]
-            batch = _model_inputs(processor, model, [row[0] for row in chunk], images)
+            batch = encode_prompts(processor, [row[0] for row in chunk], images, device, dtype)
             prediction = model.predict_safety(**batch)
             type_probs.append(prediction.type_probs.float().cpu().numpy())
             level_probs.append(prediction.level_probs.float().cpu().numpy())
@@ -375,9 +348,7 @@ __all__ = [
     "DEFAULT_GENERATION_KWARGS",
     "EvaluationInputError",
     "EvaluationResult",
-    "chat_text",
     "compute_metrics",
     "evaluate",
     "evaluate_head",
-    "is_safevlm",
 ]

@@ -30,16 +30,8 @@ MM-SafetyBench         Illegal_Activitiy (sic)             Illegal Risk
                        Financial_Advice                    Misleading
                        Health_Consultation                 Misleading
                        Gov_Decision                        Politics
-VLGuard (subcategory   violence / sexually explicit        Illegal Risk
-first, then category)  political                           Politics
-                       professional advice                 Misleading
-                       race / sex                          Fairness
-                       personal data                       Privacy
-                       disinformation                      Misleading
-                       risky behavior                      Illegal Risk
-                       discrimination                      Fairness
-                       privacy                             Privacy
-                       deception                           Misleading
+VLGuard                harmful_subcategory, else           the training-data mapping of
+                       harmful_category                    :mod:`safevlm_hf.data.vlguard` (its table)
                        safe (safe_safes subset)            Safe
 XSTest                 every safe type (homonyms, ...)     Safe
                        contrast_homonyms, contrast_        Illegal Risk
@@ -51,13 +43,15 @@ XSTest                 every safe type (homonyms, ...)     Safe
                        contrast_privacy                    Privacy
 =====================  ==================================  =====================
 
-The VLGuard rows agree with the training-data mapping of :mod:`safevlm_hf.data.vlguard`, so a model is scored in
-the taxonomy it was trained with. A category that is not in the table (e.g. VLGuard's safe image paired with an unsafe instruction, whose entry
+The VLGuard rows are the training-data mapping of :mod:`safevlm_hf.data.vlguard` itself (its
+``VLGUARD_CATEGORY_MAP`` and ``VLGUARD_CATEGORY_FALLBACK``, not a copy), so a model is scored in the taxonomy it was
+trained with. A category that is not in the table (e.g. VLGuard's safe image paired with an unsafe instruction, whose entry
 carries no harmful category) has no risk type (``None``); judges then use the generic rubric.
 """
 
 from __future__ import annotations
 
+from ..data.vlguard import VLGUARD_CATEGORY_FALLBACK, VLGUARD_CATEGORY_MAP
 from ..modeling.policy_safevlm import DEFAULT_SAFETY_TYPES, SAFE_TYPE
 
 
@@ -102,19 +96,10 @@ CATEGORY_RISK_TYPES: dict[str, dict[str, str]] = {
         "Health_Consultation": _MISLEADING,
         "Gov_Decision": _POLITICS,
     },
+    # The data package owns the VLGuard mapping (subcategories, then categories); only the level is dropped here.
     "vlguard": {
-        "violence": _ILLEGAL,
-        "sexually explicit": _ILLEGAL,
-        "political": _POLITICS,
-        "professional advice": _MISLEADING,
-        "race": _FAIRNESS,
-        "sex": _FAIRNESS,
-        "personal data": _PRIVACY,
-        "disinformation": _MISLEADING,
-        "risky behavior": _ILLEGAL,
-        "discrimination": _FAIRNESS,
-        "privacy": _PRIVACY,
-        "deception": _MISLEADING,
+        **{name: risk for name, (risk, _) in VLGUARD_CATEGORY_FALLBACK.items()},
+        **{name: risk for name, (risk, _) in VLGUARD_CATEGORY_MAP.items()},
         "safe": SAFE_TYPE,
     },
     "xstest": {

@@ -6,10 +6,10 @@ Wire it into the `safevlm` console script with `register(subparsers)`; the sub-c
 from __future__ import annotations
 
 import argparse
-import sys
 
 from huggingface_hub.errors import HfHubHTTPError
 
+from ..cli_support import EXIT_SERVICE_ERROR, fail
 from .push import CheckpointFolderError, build_push_call, push_to_hub
 
 
@@ -50,8 +50,7 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         call = build_push_call(args)
     except (CheckpointFolderError, ValueError) as err:
-        print(f"safevlm push: {err}", file=sys.stderr)
-        return 2
+        return fail("push", str(err))
     branch = f" (branch {call.revision})" if call.revision else ""
     # Every file is listed before anything is sent, so that the user sees exactly what leaves the machine.
     print(f"Pushing {len(call.files)} files from {call.model_dir} to {call.repo_id}{branch}:")
@@ -60,8 +59,7 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         info = push_to_hub(**call.kwargs())
     except HfHubHTTPError as err:
-        print(f"safevlm push: the Hub refused the upload to {call.repo_id}: {err}", file=sys.stderr)
-        return 1
+        return fail("push", f"the Hub refused the upload to {call.repo_id}: {err}", EXIT_SERVICE_ERROR)
     repo_id = info.repo_url.repo_id  # the full id (owner/name), also when --repo-id gave only a name
     print(f"Committed {info.oid}: {info.commit_url}")
     print(

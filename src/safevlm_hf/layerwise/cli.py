@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
+
+from ..cli_support import fail
 
 
 def register(subparsers: Any) -> None:
@@ -30,6 +31,7 @@ def register(subparsers: Any) -> None:
 
 
 def _add_prompt_source(parser: argparse.ArgumentParser, required_help: str) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--bench",
@@ -52,12 +54,14 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_icet(subparsers: Any) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "icet",
         help="Scan which vision-encoder layers make the model unsafe (ICET early exit); one model or a grid of them.",
         description=(
             "For each chosen vision layer l, generate with the LLM reading layer-l image states (same projection), "
-            "judge the answers and report attack success / refusal per layer and per third of the encoder. One "
+            "judge the answers and report attack success (from a harm judge; a refusal-only judge such as the default "
+            "string judge gives the non-refusal rate instead) and refusal per layer and per third of the encoder. One "
             "model: OUT/icet_report.{json,md}, OUT/icet_layers.png. Several (--model NAME=PATH, repeatable, or "
             "--models FILE): OUT/NAME/icet_report.* for each. Always OUT/icet_grid.{md,json,png}: model x layer group "
             "(Early/Middle/Late) x metric, and every model's per-layer curves on one plot. Supports LLaVA-1.5, "
@@ -80,7 +84,12 @@ def _register_icet(subparsers: Any) -> None:
     )
     _add_prompt_source(parser, "JSONL prompt file (prompt, image, category, expected per line) instead of --bench.")
     parser.add_argument("--layers", default="all", help="all (default) | a-b | comma list, e.g. 1-12 or 4,8,-2.")
-    parser.add_argument("--judge", default="string", help="string (default) | hf:MODEL | openai:MODEL.")
+    parser.add_argument(
+        "--judge",
+        default="string",
+        help="string (default; detects refusals only: reports a non-refusal rate, not attack success) | hf:MODEL | "
+        "llama-guard-3:MODEL | openai:MODEL (harm judges: attack success).",
+    )
     parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible base URL (openai judges).")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="Variable holding the judge API key.")
     parser.add_argument("--reward-model", metavar="hf:MODEL", help="Also report this reward model's mean score.")
@@ -171,17 +180,12 @@ def _register_lppo(subparsers: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _error(command: str, message: str) -> int:
-    print(f"safevlm {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _load_items(args: argparse.Namespace, out: Path) -> list[Any]:
     if args.prompts:
         from .prompts import load_prompt_file
 
         return load_prompt_file(args.prompts)
-    from ..evaluation.benchmarks import load_benchmark
+    from ..evaluation.safety_benchmarks import load_benchmark
 
     items = []
     for spec in args.bench:
@@ -278,7 +282,7 @@ def run_icet(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..evaluation.benchmarks import BenchmarkFormatError
+    from ..evaluation.safety_benchmarks import BenchmarkFormatError
     from ..evaluation.judges import JudgeError, build_judge
     from .icet import comparison_table, icet_scan
     from .icet_grid import IcetGrid
@@ -286,7 +290,7 @@ def run_icet(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.no_gating and args.compare_gating:
-        return _error("icet", "--no-gating and --compare-gating exclude each other.")
+        return fail("icet", "--no-gating and --compare-gating exclude each other.")
     try:  # read every input and every model's config before loading weights: a bad input fails in seconds
         entries = _model_entries(args)
         items = _load_items(args, out)
@@ -299,16 +303,16 @@ def run_icet(args: argparse.Namespace) -> int:
             }
         judge = build_judge(args.judge, **judge_kwargs)
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
-        return _error("icet", str(err))
+        return fail("icet", str(err))
     safevlm = {}
     for label, path in entries:
         try:
             safevlm[label] = _check_model(path, args)
         except (OSError, ValueError, KeyError) as err:
-            return _error("icet", f"model {label!r} ({path}): {err}")
+            return fail("icet", f"model {label!r} ({path}): {err}")
     if (args.no_gating or args.compare_gating) and not any(safevlm.values()):
         plain = entries[0][1] if len(entries) == 1 else "none of the models"
-        return _error(
+        return fail(
             "icet",
             f"{plain} is a plain model: no safety gating to turn off (--no-gating/--compare-gating need a SafeVLM).",
         )
@@ -319,7 +323,7 @@ def run_icet(args: argparse.Namespace) -> int:
         try:
             model, processor = _load_model(path, args)
         except (OSError, ValueError) as err:
-            return _error("icet", f"cannot load model {label!r} ({path}): {err}")
+            return fail("icet", f"cannot load model {label!r} ({path}): {err}")
         runs = [("icet", None)]
         if safevlm[label]:
             runs = (
@@ -350,14 +354,13 @@ def run_icet(args: argparse.Namespace) -> int:
                 reports[prefix] = report
                 compared = args.compare_gating and gating is not None
                 rows.append((f"{label} (gating {'on' if gating else 'off'})" if compared else label, report))
-                summary = ", ".join(
-                    f"{g} ASR {_pct(v['attack_success_rate'])}" for g, v in report.group_averages().items()
-                )
+                field, title = report.headline[0]  # named for the judge: ASR, or non-refusal from a refusal-only judge
+                summary = ", ".join(f"{g} {title} {_pct(v[field])}" for g, v in report.group_averages().items())
                 gate = "" if gating is None else f" (gating {'on' if gating else 'off'})"
                 print(f"ICET scan of {label}{gate}: {len(report.layers)} layers x {len(items)} prompts; {summary}.")
                 print(f"Report: {paths['markdown']}")
         except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
-            return _error("icet", f"model {label!r}: {err}")
+            return fail("icet", f"model {label!r}: {err}")
         if args.compare_gating and safevlm[label]:
             table = comparison_table(reports["icet_gated"], reports["icet_ungated"], ("gated", "ungated"))
             comparison = folder / "icet_gating_comparison.md"
@@ -370,7 +373,7 @@ def run_icet(args: argparse.Namespace) -> int:
     try:
         grid = IcetGrid(rows).save(out)
     except ValueError as err:
-        return _error("icet", str(err))
+        return fail("icet", str(err))
     print(f"Grid ({len(rows)} row(s): model x Early/Middle/Late x metric): {grid['markdown']}, plot {grid['plot']}")
     return 0
 
@@ -412,15 +415,16 @@ def lppo_summary(trainer: Any) -> str:
 
 def run_lppo(args: argparse.Namespace) -> int:
     """Execute `safevlm lppo`; returns the exit code."""
-    from ..evaluation.benchmarks import BenchmarkFormatError
+    from ..evaluation.safety_benchmarks import BenchmarkFormatError
     from ..evaluation.judges import JudgeError, build_judge
     from .lppo_config import LPPOConfig
+    from ..training.stages import published_data_name
     from .lppo_trainer import LPPOTrainer
     from .rewards import build_reward
 
     out = Path(args.out)
     if args.device not in ("auto", "cpu", "cuda"):
-        return _error(
+        return fail(
             "lppo",
             f"--device {args.device}: L-PPO puts each process on its own GPU (accelerate); pick GPUs with "
             "CUDA_VISIBLE_DEVICES and use --device auto, cuda or cpu.",
@@ -454,18 +458,21 @@ def run_lppo(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
     except (OSError, ValueError, BenchmarkFormatError, JudgeError) as err:
-        return _error("lppo", str(err))
+        return fail("lppo", str(err))
     try:
         model, processor = _load_model(args.model, args, place=False)
     except (OSError, ValueError) as err:
-        return _error("lppo", f"cannot load model {args.model!r}: {err}")
+        return fail("lppo", f"cannot load model {args.model!r}: {err}")
     try:
         reward = build_reward(args.reward, model=model, processor=processor, judge=judge)
-        trainer = LPPOTrainer(model, processor, config, items, reward, eval_items=held_out or None)
+        data_name = ", ".join(published_data_name(spec) for spec in ([args.prompts] if args.prompts else args.bench))
+        trainer = LPPOTrainer(
+            model, processor, config, items, reward, eval_items=held_out or None, data_name=data_name
+        )
         trainer.train(resume_from_checkpoint=True if args.resume else None)
         final = trainer.save_model(out / "final", merge=not args.no_merge)
     except (ValueError, TypeError, FileNotFoundError, JudgeError) as err:
-        return _error("lppo", str(err))
+        return fail("lppo", str(err))
     if trainer.accelerator.is_main_process:
         print(f"{lppo_summary(trainer)} Log: {out / 'lppo_log.jsonl'}")
         print(f"Model: {final}")

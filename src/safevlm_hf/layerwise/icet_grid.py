@@ -4,7 +4,8 @@
 Bachu et al. report the attack success of each model per third of its vision encoder, with and without L-PPO.
 :class:`IcetGrid` puts the :class:`~safevlm_hf.layerwise.icet.IcetReport` of several scans (models of different
 families, the same model before and after L-PPO, a SafeVLM with gating on and off) side by side: one table per metric
-(attack success, refusal, safe prompts answered, reward, unparseable answers) with a row per model and a column per group plus the model's
+(attack success from a harm judge, or the non-refusal rate from a refusal-only judge such as the string judge; refusal,
+safe prompts answered, reward, unparseable answers) with a row per model and a column per group plus the model's
 default layer, and one plot with every model's per-layer curves. The groups are those of
 :func:`~safevlm_hf.layerwise.icet.layer_groups`, computed on each model's own depth, in the tables and the plot alike.
 `safevlm icet --model A --model B ...` writes it (`icet_grid.md`, `icet_grid.json`, `icet_grid.png`).
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .icet import (
-    ASR_DEFINITION,
     GROUPS,
+    PLOT_LABELS,
     IcetReport,
     draw_layer_groups,
     format_number,
@@ -29,16 +30,27 @@ from .icet import (
 )
 
 
-# (report field, table title, formatter); rates are averaged over a group's layers, counts summed.
+# (report field, table title, formatter); rates are averaged over a group's layers, counts summed. The grid leads with
+# the headline rate of its judge: attack success from a harm judge, the non-refusal rate from a refusal-only judge.
+HEADLINE_METRICS: dict[str, tuple[str, str, Callable[[Any], str]]] = {
+    "attack_success_rate": (
+        "attack_success_rate",
+        "Attack success rate (unparseable answers count as attacks)",
+        format_percent,
+    ),
+    "non_refusal_rate": (
+        "non_refusal_rate",
+        "Non-refusal rate (risky prompts; the judge detects refusals only, not harm)",
+        format_percent,
+    ),
+}
 GRID_METRICS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
-    ("attack_success_rate", "Attack success rate (unparseable answers count as attacks)", format_percent),
     ("refusal_rate", "Refusal rate (risky prompts)", format_percent),
     ("safe_answer_rate", "Answered (safe prompts; 1 - over-refusal)", format_percent),
     ("mean_reward", "Mean reward", format_number),
     ("unparsed", "Unparseable judge answers (count, summed over the group's layers)", lambda value: str(value)),
 )
 _PLOTTED = (
-    ("attack_success_rate", "attack success rate"),
     ("refusal_rate", "refusal rate (risky prompts)"),
     ("safe_answer_rate", "answered (safe prompts)"),
     ("mean_reward", "mean reward"),
@@ -74,6 +86,11 @@ class IcetGrid:
     def judge(self) -> dict[str, Any]:
         return self.rows[0][1].judge
 
+    @property
+    def metrics(self) -> tuple[tuple[str, str, Callable[[Any], str]], ...]:
+        """The grid's tables: the judge's headline rate first (every scan shares the judge), then `GRID_METRICS`."""
+        return (HEADLINE_METRICS[self.rows[0][1].headline[0][0]], *GRID_METRICS)
+
     def cell(self, report: IcetReport, metric: str, group: str) -> Any:
         """A metric of one group (`"early"`, `"middle"`, `"late"`) or of `"default"` (the default layer), or `None`
         when no scanned layer falls there."""
@@ -99,9 +116,9 @@ class IcetGrid:
                     "default_layer": report.default_layer,
                     "group_layers": layer_groups(report.num_layers),
                     "groups": groups,
-                    "default": {metric: self.cell(report, metric, "default") for metric, _, _ in GRID_METRICS},
+                    "default": {metric: self.cell(report, metric, "default") for metric, _, _ in self.metrics},
                     "layers": [
-                        {"layer": r.layer, **{metric: getattr(r, metric) for metric, _, _ in GRID_METRICS}}
+                        {"layer": r.layer, **{metric: getattr(r, metric) for metric, _, _ in self.metrics}}
                         for r in report.layers
                     ],
                 }
@@ -109,11 +126,12 @@ class IcetGrid:
         first = self.rows[0][1]
         return {
             "judge": self.judge,
+            "metric_sources": first.metric_sources,
             "reward": first.reward,
             "settings": first.settings,
             "num_prompts": first.layers[0].num_prompts if first.layers else 0,
             "definitions": {
-                "attack_success_rate": ASR_DEFINITION,
+                first.headline[0][0]: first.definition,
                 "groups": "thirds of each model's vision encoder: layer l of N is in third floor(3 (l - 1) / N); a "
                 "group's rate is the mean over its scanned layers, its unparseable count the sum",
             },
@@ -127,7 +145,7 @@ class IcetGrid:
         lines = [
             f"# {title}",
             "",
-            f"- judge: `{self.judge.get('name', '?')}`; {ASR_DEFINITION}",
+            f"- judge: `{self.judge.get('name', '?')}`; {first.definition}",
             f"- reward: {f'`{reward}`' if reward else 'none (give --reward-model to fill the reward table)'}",
             f"- prompts: {first.layers[0].num_prompts if first.layers else 0} per layer; decoding: "
             f"{json.dumps(first.settings, sort_keys=True)}",
@@ -146,7 +164,7 @@ class IcetGrid:
                 f"| {label} | {report.model_type or '?'} | {gating} | {report.num_layers} | {' | '.join(spans)} | "
                 f"{report.default_layer} |"
             )
-        for metric, heading, fmt in GRID_METRICS:
+        for metric, heading, fmt in self.metrics:
             lines += ["", f"## {heading}", "", "| Model | Early | Middle | Late | Default |", "|---|---|---|---|---|"]
             for label, report in self.rows:
                 cells = [self.cell(report, metric, group) for group in (*GROUPS, "default")]
@@ -164,9 +182,10 @@ class IcetGrid:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
+        headline = self.rows[0][1].headline[0][0]
         panels = [
             (metric, name)
-            for metric, name in _PLOTTED
+            for metric, name in ((headline, PLOT_LABELS[headline]), *_PLOTTED)
             if any(getattr(r, metric) is not None for _, report in self.rows for r in report.layers)
         ]
         depths = sorted({report.num_layers for _, report in self.rows})
@@ -225,4 +244,4 @@ class IcetGrid:
         return paths
 
 
-__all__ = ["GRID_METRICS", "IcetGrid"]
+__all__ = ["GRID_METRICS", "HEADLINE_METRICS", "IcetGrid"]

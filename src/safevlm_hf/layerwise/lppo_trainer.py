@@ -49,9 +49,10 @@ from transformers import LogitsProcessor, get_scheduler, set_seed
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..training.stages import apply_llm_lora, llm_lora_config
+from ..training.stages import apply_llm_lora, llm_lora_config, record_training_stage
 from .early_exit import early_exit_for
-from .icet import decode_responses, generate_at_layer, is_safevlm, resolve_layers, vision_encoder_depth
+from ..prompting import decode_responses, encode_items, is_safevlm
+from .icet import generate_at_layer, resolve_layers, vision_encoder_depth
 from .lppo_config import LPPOConfig
 from .ppo_math import (
     clipped_policy_loss,
@@ -63,7 +64,7 @@ from .ppo_math import (
     per_token_rewards,
     value_loss,
 )
-from .prompts import check_items, encode_items
+from .prompts import check_items
 from .rewards import check_rewards, describe_reward
 
 
@@ -202,6 +203,10 @@ class LPPOTrainer:
         eval_items: held-out prompts; when given, `train()` scores the policy's greedy answers to them (mean reward at
             the first target layer) before the first step and after the last, into `eval_history`: the same prompts
             before and after, unlike the rollout reward, whose batches hold different prompts.
+        data_name: where the training prompts came from (e.g. the prompt file or benchmark specs), for the record a
+            SafeVLM keeps of its training: at the end of `train()` the run is appended to the model's
+            `config.safety_training_stages` (stage `"l-ppo"`, data, steps, layers, metrics), which its model card
+            shows. Default: the prompts' benchmark names, or their count.
 
     Example:
 
@@ -221,6 +226,7 @@ class LPPOTrainer:
         train_items: Sequence[Any],
         reward: Callable[[Sequence[str], Sequence[str], Sequence[Any]], Sequence[float]],
         eval_items: Sequence[Any] | None = None,
+        data_name: str | None = None,
     ):
         self.config = config
         self.processor = processor
@@ -234,6 +240,9 @@ class LPPOTrainer:
         self.num_layers = vision_encoder_depth(model)
         self.layers = resolve_layers(config.layers, self.num_layers)
         self.is_safevlm = is_safevlm(model)
+        sources = sorted({str(item.source) for item in self.items if getattr(item, "source", None)})
+        self.data_name = data_name or ", ".join(sources) or f"{len(self.items)} prompts"
+        self.stage_record: dict[str, Any] | None = None  # this run's entry in a SafeVLM's safety_training_stages
         self.output_dir = Path(config.output_dir)
         # Without a GPU, several processes (torchrun / accelerate launch) talk over gloo only when told to use the CPU.
         self.accelerator = Accelerator(cpu=config.use_cpu or not torch.cuda.is_available())
@@ -608,7 +617,34 @@ class LPPOTrainer:
                     self.save_checkpoint()
         finally:
             progress.close()
+        if self.is_safevlm:  # only SafeVLM configs keep (and model cards show) a training history
+            self.stage_record = record_training_stage(self.policy, self._stage_entry())
         return self.log_history
+
+    def _stage_entry(self) -> dict[str, Any]:
+        config, history = self.config, self.log_history
+        metrics: dict[str, Any] = {}
+        if history:
+            metrics["reward_last_step"] = round(history[-1]["reward"], 6)
+            for key in ("approx_kl", "clip_fraction"):  # mean per update: whether the policy moved at all
+                metrics[f"mean_{key}"] = round(sum(h[key] for h in history) / len(history), 9)
+        if len(self.eval_history) >= 2:  # the same held-out prompts before and after
+            metrics["heldout_reward_before"] = round(self.eval_history[0]["reward"], 6)
+            metrics["heldout_reward_after"] = round(self.eval_history[-1]["reward"], 6)
+            metrics["heldout_prompts"] = self.eval_history[0]["num_prompts"]
+        return {
+            "stage": "l-ppo",
+            "data": self.data_name,
+            "rows": len(self.items),
+            "steps": self.step,
+            "layers": list(self.layers),
+            "mode": "lora" if config.use_lora else "full",
+            "reward": describe_reward(self.reward),
+            "learning_rate": config.learning_rate,
+            "kl_coef": config.kl_coef,
+            "seed": config.seed,
+            "metrics": metrics,
+        }
 
     def _rewrite_log(self) -> None:
         """Make the JSONL log match the in-memory history (drops steps logged after the checkpoint resumed from)."""

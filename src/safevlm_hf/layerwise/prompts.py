@@ -1,5 +1,6 @@
 # Copyright 2026 The safevlm-hf developers. Licensed under the Apache License, Version 2.0.
-"""Prompt items for the ICET scan and L-PPO: loading a prompt file and turning items into model inputs.
+"""Prompt items for the ICET scan and L-PPO: loading a prompt file and checking items (turning them into model inputs
+is :mod:`safevlm_hf.prompting`'s, shared with evaluation).
 
 An *item* is any object with a `prompt` (the user's text) and an `image` (a PIL image or `None`); `category`,
 `expected` and `id` are optional. The evaluation suite's `BenchmarkItem` fits, and so does :class:`PromptItem`, the
@@ -8,15 +9,15 @@ row type of the JSONL prompt files read by :func:`load_prompt_file`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from PIL import Image
 
+from ..data.examples import load_image
+from ..data.files import read_json_list, read_jsonl_rows  # the one reader of JSON data files
 from ..evaluation.judges import JudgeInput
 
 
@@ -51,24 +52,14 @@ def load_prompt_file(path: str | os.PathLike) -> list[PromptItem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Prompt file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}).") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json prompt file must hold a list of objects, got {type(rows).__name__}.")
-        located = [(f"{path} item {index}", row) for index, row in enumerate(rows)]
+        located = [(f"{path} item {index}", row) for index, row in enumerate(read_json_list(path, "prompt objects"))]
     else:
         located = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err}).") from None
+        for where, row in read_jsonl_rows(path):
+            if isinstance(row, Exception):  # a line that is not UTF-8 or not JSON: the error names the file and line
+                raise row
+            located.append((where, row))
     items = [_item_from_row(row, where, path.parent, index) for index, (where, row) in enumerate(located)]
     if not items:
         raise ValueError(f"{path} holds no prompts; write one JSON object per line with at least a 'prompt' key.")
@@ -85,13 +76,8 @@ def _item_from_row(row: Any, where: str, folder: Path, index: int) -> PromptItem
     if expected not in (None, "refuse", "answer"):
         raise ValueError(f"{where}: 'expected' must be 'refuse', 'answer' or absent, got {expected!r}.")
     image = None
-    if row.get("image"):
-        image_path = folder / str(row["image"])
-        try:
-            with Image.open(image_path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{where}: cannot read image {image_path} ({err}).") from None
+    if row.get("image"):  # opened by the data package's loader: a missing, unreadable or huge image names the row
+        image = load_image(str(folder / str(row["image"])), where)
     known = {"prompt", "image", "category", "expected", "id"}
     return PromptItem(
         prompt=prompt,
@@ -120,49 +106,6 @@ def check_items(items: Sequence[Any], what: str = "prompt set") -> list[Any]:
     return items
 
 
-def item_image(item: Any) -> Image.Image | None:
-    """The item's image as an RGB PIL image (opened from disk when the item holds a path), or `None`."""
-    loader = getattr(item, "load_image", None)
-    if callable(loader):  # the evaluation suite's BenchmarkItem opens (and checks) its own image paths
-        return loader()
-    image = getattr(item, "image", None)
-    if image is None:
-        return None
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"Item {getattr(item, 'id', '?')!r}: cannot read image {image} ({err}).") from None
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def chat_text(processor: Any, prompt: str, has_image: bool) -> str:
-    """The prompt as the model's chat template writes a user turn, ending with the assistant's cue."""
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
-    if not getattr(processor, "chat_template", None):
-        raise ValueError(
-            f"{type(processor).__name__} has no chat template, so prompts cannot be formatted for the model; set "
-            "processor.chat_template (e.g. the LLaVA-1.5 template in safevlm_hf.tiny.LLAVA_CHAT_TEMPLATE)."
-        )
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def encode_items(processor: Any, items: Sequence[Any], device: torch.device | str | None = None) -> dict[str, Any]:
-    """Processor inputs for a batch of items, left-padded for generation (rows with and without images may mix)."""
-    images = [item_image(item) for item in items]
-    texts = [chat_text(processor, item.prompt, image is not None) for item, image in zip(items, images)]
-    # One image list per prompt row (empty for a text-only row): every processor accepts this layout, and Llama 3.2
-    # Vision's needs it to know which row an image belongs to (a flat list would be read as one row's images).
-    per_row = [[image] if image is not None else [] for image in images]
-    inputs = processor(
-        images=per_row if any(per_row) else None, text=texts, return_tensors="pt", padding=True, padding_side="left"
-    )
-    if device is None:
-        return dict(inputs)
-    return {key: value.to(device) if hasattr(value, "to") else value for key, value in inputs.items()}
-
-
 def judge_inputs(prompts: Sequence[str], responses: Sequence[str], items: Sequence[Any]) -> list[JudgeInput]:
     """What a judge sees of each row: the request, the answer and the item's category."""
     return [
@@ -171,4 +114,4 @@ def judge_inputs(prompts: Sequence[str], responses: Sequence[str], items: Sequen
     ]
 
 
-__all__ = ["PromptItem", "chat_text", "check_items", "encode_items", "item_image", "judge_inputs", "load_prompt_file"]
+__all__ = ["PromptItem", "check_items", "judge_inputs", "load_prompt_file"]

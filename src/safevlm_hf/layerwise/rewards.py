@@ -22,7 +22,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from ..evaluation.judges import Judge, build_judge
-from .prompts import encode_items, judge_inputs
+from ..prompting import encode_items
+from .prompts import judge_inputs
 
 
 @runtime_checkable

@@ -31,6 +31,7 @@ from .stages import (
     llm_linear_layer_names,
     llm_lora_config,
     merge_stage2,
+    record_training_stage,
     unwrap_safevlm,
 )
 from .trainer import SafeVLMTrainer
@@ -56,5 +57,6 @@ __all__ = [
     "load_recipe",
     "merge_stage2",
     "policy_action",
+    "record_training_stage",
     "unwrap_safevlm",
 ]

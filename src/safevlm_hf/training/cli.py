@@ -15,24 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import secrets
 from pathlib import Path
 
 from safetensors import SafetensorError
 from transformers.utils import logging
 
 from ..checkpoints import CheckpointFileError, check_safetensors_files
+from ..cli_support import EXIT_OK, fail
 
 
 logger = logging.get_logger(__name__)
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-
-
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def _checked_weights(model: str) -> str:
@@ -43,6 +36,7 @@ def _checked_weights(model: str) -> str:
 
 # --------------------------------------------------------------------------------------------------------- convert
 def _add_convert_parser(subparsers) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "convert",
         help="Convert a LLaVA checkpoint folder into a SafeVLM checkpoint (fresh safety modules).",
@@ -62,6 +56,12 @@ def _add_convert_parser(subparsers) -> None:
         default=None,
         help="Vision-encoder layer the safety projector reads (default: the LLaVA vision_feature_layer).",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of the safety modules' initialization: one seed gives one model (default: a drawn seed, printed).",
+    )
     parser.set_defaults(func=run_convert)
 
 
@@ -73,30 +73,40 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..modeling.processing_safevlm import SafeVLMProcessor
 
     if args.num_safety_tokens < 1:
-        return _error(f"--num-safety-tokens must be >= 1, got {args.num_safety_tokens}.")
+        return fail("convert", f"--num-safety-tokens must be >= 1, got {args.num_safety_tokens}.")
     try:
         config = AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError, RecursionError) as err:
-        return _error(f"cannot read a model config from {args.model!r}: {err}")
+        return fail("convert", f"cannot read a model config from {args.model!r}: {err}")
     if config.model_type == "safevlm":
-        return _error(f"{args.model} is already a SafeVLM checkpoint; train it with `safevlm train`.")
+        return fail("convert", f"{args.model} is already a SafeVLM checkpoint; train it with `safevlm train`.")
     if config.model_type != "llava":
-        return _error(f"{args.model} is a {config.model_type!r} model; `safevlm convert` takes a LLaVA checkpoint.")
+        return fail(
+            "convert", f"{args.model} is a {config.model_type!r} model; `safevlm convert` takes a LLaVA checkpoint."
+        )
     overrides = {"num_safety_tokens": args.num_safety_tokens}
     if args.safety_feature_layer is not None:
         overrides["safety_feature_layer"] = args.safety_feature_layer
     try:
         processor = SafeVLMProcessor.from_llava_processor(args.model, num_safety_tokens=args.num_safety_tokens)
     except (OSError, ValueError) as err:
-        return _error(f"cannot load the LLaVA processor (tokenizer + image processor) from {args.model!r}: {err}")
+        return fail(
+            "convert", f"cannot load the LLaVA processor (tokenizer + image processor) from {args.model!r}: {err}"
+        )
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        return fail("convert", f"--seed must be in 0..{2**32 - 1}, got {args.seed}.")
+    # Always seeded: the initial head decides the untrained model's verdicts, so a run must be reproducible.
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    if args.seed is None:
+        print(f"Initializing the safety modules with seed {seed} (pass --seed {seed} to reproduce this conversion).")
     try:
-        model = SafeVLMForConditionalGeneration.from_llava(_checked_weights(args.model), **overrides)
+        model = SafeVLMForConditionalGeneration.from_llava(_checked_weights(args.model), seed=seed, **overrides)
     except (CheckpointFileError, SafetensorError) as err:
-        return _error(f"cannot load the LLaVA weights from {args.model!r}: {err}")
+        return fail("convert", f"cannot load the LLaVA weights from {args.model!r}: {err}")
     out = Path(args.out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    print(f"Converted {args.model} to SafeVLM ({args.num_safety_tokens} safety tokens per set): {out}")
+    print(f"Converted {args.model} to SafeVLM ({args.num_safety_tokens} safety tokens per set, seed {seed}): {out}")
     return EXIT_OK
 
 
@@ -129,6 +139,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, object]] = {
 
 
 def _add_train_parser(subparsers) -> None:
+    # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "train",
         help="Train a SafeVLM checkpoint: --stage 1 (safety modules) or --stage 2 (LLM).",
@@ -308,36 +319,39 @@ def run_train(args: argparse.Namespace) -> int:
     from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
     from ..modeling.policy_safevlm import SafetyPolicyError
     from ..modeling.processing_safevlm import SafeVLMProcessor
-    from .stages import merge_stage2
+    from .stages import merge_stage2, unwrap_safevlm
     from .trainer import SafeVLMTrainer
 
     if args.list_recipes or args.recipe == "":
         return _print_recipes()
     missing = [f"--{name}" for name in ("stage", "model", "data", "out") if getattr(args, name) is None]
     if missing:
-        return _error(f"safevlm train needs {', '.join(missing)}.")
+        return fail("train", f"needs {', '.join(missing)}.")
     try:
         config = build_training_config(args)
     except ValueError as err:  # RecipeError included: it names the recipe file and the key
-        return _error(f"bad training options: {err}")
+        return fail("train", f"bad training options: {err}")
     try:
         model_config = AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError, RecursionError) as err:
-        return _error(f"cannot read a model config from {args.model!r}: {err}")
+        return fail("train", f"cannot read a model config from {args.model!r}: {err}")
     if model_config.model_type != "safevlm":
-        return _error(
+        return fail(
+            "train",
             f"{args.model} is a {model_config.model_type!r} checkpoint, not SafeVLM; convert it first: "
-            f"safevlm convert --model {args.model} --out SAFEVLM_DIR"
+            f"safevlm convert --model {args.model} --out SAFEVLM_DIR",
         )
     try:
         processor = SafeVLMProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as err:
-        return _error(f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}")
+        return fail(
+            "train", f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}"
+        )
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         model = SafeVLMForConditionalGeneration.from_pretrained(_checked_weights(args.model), dtype=dtype)
     except (CheckpointFileError, SafetensorError) as err:
-        return _error(f"cannot load the SafeVLM weights from {args.model!r}: {err}")
+        return fail("train", f"cannot load the SafeVLM weights from {args.model!r}: {err}")
 
     data_options = dict(
         image_root=args.image_root,
@@ -352,7 +366,7 @@ def run_train(args: argparse.Namespace) -> int:
             model, args=config, train_dataset=train_data, eval_dataset=eval_data, processing_class=processor
         )
     except (SafetyDataError, SafetyPolicyError) as err:
-        return _error(str(err))
+        return fail("train", str(err))
     main = trainer.is_world_process_zero()
     if main:
         _report_skipped(train_data, args.data)
@@ -363,10 +377,12 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.train(resume_from_checkpoint=args.resume)
     except SafetyDataError as err:  # an image that became unreadable after loading, a row over --max-length
-        return _error(str(err))
+        return fail("train", str(err))
     metrics = dict(result.metrics)
+    if args.recipe:
+        trainer.stage_record["recipe"] = args.recipe
     if eval_data is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(trainer.evaluate())  # also added to the stage's record in the model config
 
     # The exported folder is what `save_pretrained` writes (weights, config, remote code, processor), without the
     # Trainer's pickled training_args.bin; the checkpoint-N folders keep everything `--resume` needs. Every process
@@ -388,7 +404,10 @@ def run_train(args: argparse.Namespace) -> int:
 
             unset_hf_deepspeed_config()
             base = SafeVLMForConditionalGeneration.from_pretrained(args.model)
-            merge_stage2(PeftModel.from_pretrained(base, out / "adapter")).save_pretrained(out)
+            merged = merge_stage2(PeftModel.from_pretrained(base, out / "adapter"))
+            # The base was reloaded from --model: carry over the stages recorded by this run's trainer.
+            merged.config.safety_training_stages = unwrap_safevlm(export).config.safety_training_stages
+            merged.save_pretrained(out)
             processor.save_pretrained(out)
     elif main:
         export.save_pretrained(out, state_dict=state_dict)
@@ -470,7 +489,7 @@ def run_plan(args: argparse.Namespace) -> int:
             chosen=chosen,
         )
     except (OSError, ValueError) as err:  # RecipeError included
-        return _error(str(err))
+        return fail("plan", str(err))
     print(plan.table())
     return EXIT_OK
 

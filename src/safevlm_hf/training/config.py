@@ -24,9 +24,10 @@ class SafeVLMTrainingConfig(TrainingArguments):
             tower, the original projector and the LLM (with `lm_head`) frozen. `2`: train the LLM with the safety
             modules frozen.
         safety_loss_weight (`float`, *optional*):
-            Weight `w` in `loss = lm_loss + w * (CE(type) + CE(level))`. Defaults to the model's
-            `config.safety_loss_weight` (10 in the published recipe). Stage II trains on `lm_loss` alone (the safety
-            modules are frozen, so the safety term has no gradient); it is still logged.
+            Weight `w` in `loss = lm_loss + w * (CE(type) + CE(level))`. When given, Stage I sets the model's
+            `config.safety_loss_weight` to it (the model computes the loss; the saved config records the weight that
+            trained it); `None` keeps the model's value (10 in the published recipe). Stage II trains on `lm_loss`
+            alone (the safety modules are frozen, so no safety label reaches the model).
 
         > Parameters of Stage II
 
@@ -73,7 +74,8 @@ class SafeVLMTrainingConfig(TrainingArguments):
     safety_loss_weight: float | None = field(
         default=None,
         metadata={
-            "help": "Weight of CE(type) + CE(level) in the loss. Defaults to the model's config.safety_loss_weight."
+            "help": "Stage I: weight of CE(type) + CE(level) in the loss; sets the model's config.safety_loss_weight "
+            "(default: keep the model's value)."
         },
     )
     stage2_mode: Literal["lora", "full"] = field(

@@ -53,32 +53,6 @@ _LLAMA_LINEAR_INPUTS = {
 
 
 # ---------------------------------------------------------------------------------------------------- model shapes
-def llava_15_config(size: str):
-    """The published ``llava-hf/llava-1.5-{7b,13b}-hf`` configuration values (CLIP ViT-L/14-336 + Vicuna)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    text = {
-        "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    }[size]
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=LlamaConfig(vocab_size=32064, **text),
-        image_token_index=32000,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-    )
-
-
 BUILTIN_MODELS = {
     "llava-1.5-7b": "7b",
     "llava-hf/llava-1.5-7b-hf": "7b",
@@ -93,6 +67,7 @@ def plan_config(model: str | os.PathLike, num_safety_tokens: int | None = None):
     from transformers import AutoConfig
 
     from ..modeling.configuration_safevlm import SafeVLMConfig
+    from ..real_shapes import llava_15_config
 
     overrides = {} if num_safety_tokens is None else {"num_safety_tokens": num_safety_tokens}
     if str(model) in BUILTIN_MODELS:
@@ -399,7 +374,6 @@ __all__ = [
     "activation_bytes",
     "build_meta_model",
     "decoder_layer_activation_bytes",
-    "llava_15_config",
     "plan_config",
     "plan_training",
     "stage_parameters",

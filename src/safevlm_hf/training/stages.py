@@ -6,13 +6,16 @@
 * **Stage II** trains the LLM, with LoRA adapters on its linear layers (default) or fully; the safety modules and the
   LLM's input embeddings are frozen.
 
-LoRA targeting of the LLM (:func:`llm_lora_config`, :func:`apply_llm_lora`) lives here once; L-PPO uses it too.
+LoRA targeting of the LLM (:func:`llm_lora_config`, :func:`apply_llm_lora`) and the record of a finished stage in the
+model's config (:func:`record_training_stage`) live here once; L-PPO uses them too.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -163,6 +166,37 @@ def merge_stage2(model: nn.Module) -> SafeVLMForConditionalGeneration:
     return merged
 
 
+def published_data_name(name: str) -> str:
+    """A data source's name without its local folders, for a record published with the model card:
+    ``vlguard:train.json`` for ``vlguard:/home/me/VLGuard/train.json``, ``train.jsonl`` for ``/data/train.jsonl``."""
+    prefix, sep, path = name.partition(":")
+    if not sep or os.sep in prefix:
+        prefix, sep, path = "", "", name
+    return prefix + sep + os.path.basename(path.rstrip(os.sep)) if os.sep in path else name
+
+
+def record_training_stage(model: nn.Module, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Append ``entry`` to the SafeVLM's ``config.safety_training_stages``; returns the stored record.
+
+    ``entry`` is a dict ``{stage, data, steps, metrics, ...}`` (the model card shows ``stage``, ``data``, ``steps`` and
+    ``metrics`` as columns and every other key as a detail). ``model`` is a SafeVLM or a PEFT model wrapping one; the
+    list is replaced, never mutated in place, so a config copied before keeps its own history. Values must be JSON
+    (the record is saved in ``config.json``): a value that is not raises a ``TypeError`` naming the key here, not
+    later at save time.
+    """
+    config = unwrap_safevlm(model).config
+    record = dict(entry)
+    for key, value in record.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"training stage record: {key}={value!r} cannot be saved in config.json ({err})."
+            ) from None
+    config.safety_training_stages = [*(config.safety_training_stages or []), record]
+    return record
+
+
 __all__ = [
     "SAFETY_PARAMETER_PREFIXES",
     "apply_llm_lora",
@@ -173,5 +207,7 @@ __all__ = [
     "llm_linear_layer_names",
     "llm_lora_config",
     "merge_stage2",
+    "published_data_name",
+    "record_training_stage",
     "unwrap_safevlm",
 ]

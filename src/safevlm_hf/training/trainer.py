@@ -3,17 +3,18 @@
 
 Checkpoints, ``resume_from_checkpoint``, logging, progress bars and multi-process launch (``torchrun`` /
 ``accelerate launch``) are the Trainer's own; this class adds what the recipe needs: which weights each stage trains
-(:mod:`.stages`), data preparation (Stage I balancing, Stage II policy conditioning), the loss and its metrics.
+(:mod:`.stages`), data preparation (Stage I balancing, Stage II policy conditioning), the step counts the model's loss
+is normalized by, the logged loss parts and head accuracies, and the record of the stage in the model's config.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable
 
 import datasets
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.utils import logging
@@ -29,6 +30,8 @@ from .stages import (
     freeze_for_stage1,
     is_safety_parameter,
     llm_lora_config,
+    published_data_name,
+    record_training_stage,
     unwrap_safevlm,
 )
 
@@ -37,23 +40,47 @@ logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 
-# Sums kept between two log calls: loss values are averaged over micro-batches, accuracies over rows.
-_STAT_NAMES = ("lm_loss", "safety_loss", "loss_terms", "type_correct", "type_rows", "level_correct", "level_rows")
+# The model's safety targets, in the order of its `safety_num_items_in_batch` counts (type, level, sub-category).
+SAFETY_LABEL_NAMES = ("safety_type_labels", "safety_level_labels", "safety_subcategory_labels")
+
+# Sums kept between two log calls (over processes): loss parts are averaged over their terms (`loss_terms`, kept
+# apart), accuracies over rows; `safety_batches` says whether any batch had a safety term to log.
+_STAT_NAMES = ("lm_loss", "safety_loss", "safety_batches", "type_correct", "type_rows", "level_correct", "level_rows")
+
+
+# Logged values kept in the stage record (the last logged ones).
+_RECORDED_LOG_KEYS = ("loss", "lm_loss", "safety_loss", "safety_type_accuracy", "safety_level_accuracy")
+
+
+def _recordable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as config.json can hold them: rounded numbers, a non-finite value as its name ("nan")."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            out[key] = round(value, 6) if math.isfinite(value) else str(value)
+        elif isinstance(value, (int, str, bool)) or value is None:
+            out[key] = value
+    return out
 
 
 class SafeVLMTrainer(Trainer):
     """Trainer for the two SafeVLM stages.
 
     * **Stage I** (``args.stage=1``) trains the safety projector, both safety-token sets and the safety head; the
-      vision tower, the original projector and the LLM (with ``lm_head``) are frozen. Loss:
-      ``lm_loss + w * (CE(type) + CE(level))`` with ``w = args.safety_loss_weight`` (default: the model's
-      ``config.safety_loss_weight``). The LM term reaches safety tokens set 1, which sit in the LLM's input.
+      vision tower, the original projector and the LLM (with ``lm_head``) are frozen. Loss: the model's own,
+      ``lm_loss + w * (CE(type) + CE(level))`` with ``w = config.safety_loss_weight`` (``args.safety_loss_weight``,
+      when given, sets it once here, so the saved config records the weight that trained it). The LM term reaches
+      safety tokens set 1, which sit in the LLM's input.
     * **Stage II** (``args.stage=2``) trains the LLM with LoRA (``args.stage2_mode="lora"``, the default; adapters on
       the LLM's linear layers only) or fully (``"full"``); the safety modules and the LLM's input embeddings are
-      frozen. Loss: ``lm_loss`` (the safety term, constant here, is logged).
+      frozen. Loss: ``lm_loss`` (no safety labels reach the model and the safety head does not run).
 
-    Both loss terms are normalized over the whole optimizer step (every gradient-accumulation micro-batch on every
-    process), so a run on N processes takes the same steps as one process with the same global batch.
+    The model computes the loss (this class only passes it the step's counts): every term is normalized over the
+    whole optimizer step (every gradient-accumulation micro-batch on every process), so a run on N processes takes
+    the same steps as one process with the same global batch.
+
+    At the end of :meth:`train` the stage is appended to the model's ``config.safety_training_stages`` (stage, data,
+    rows, steps, metrics, ...), which the model card shows; ``trainer.stage_record`` is that entry (``None`` before).
 
     Logged besides the Trainer's own values: ``lm_loss``, ``safety_loss``, ``safety_type_accuracy`` and
     ``safety_level_accuracy`` (the head's accuracy on the rows seen since the last log; ``eval_``-prefixed in
@@ -104,12 +131,24 @@ class SafeVLMTrainer(Trainer):
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, base, args, is_train=False)
 
+        if args.label_smoothing_factor or kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "SafeVLMTrainer uses the model's own loss (lm_loss + safety_loss_weight * safety_loss); "
+                "label_smoothing_factor and compute_loss_func would replace it with an LM-only loss. Leave them unset."
+            )
+        if args.safety_loss_weight is not None:
+            if args.stage == 1:
+                base.config.safety_loss_weight = float(args.safety_loss_weight)  # the one owner of the weight
+            else:
+                logger.warning("safety_loss_weight has no effect in Stage II, which trains on lm_loss alone.")
         model = self._prepare_model(model, args, peft_config)
         subcategories = base.config.safety_subcategories or None
         if args.label_names is None:
             # The targets the collator gives; the Trainer would otherwise expect every `*label*` forward argument.
-            args.label_names = ["labels", "safety_type_labels", "safety_level_labels"]
-            args.label_names += ["safety_subcategory_labels"] if subcategories else []
+            # Stage II trains on the LM targets only (see `compute_loss`).
+            safety_labels = ["safety_type_labels", "safety_level_labels"]
+            safety_labels += ["safety_subcategory_labels"] if subcategories else []
+            args.label_names = ["labels"] if args.stage == 2 else ["labels", *safety_labels]
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("SafeVLMTrainer needs processing_class (the SafeVLMProcessor) or a data_collator.")
@@ -129,7 +168,9 @@ class SafeVLMTrainer(Trainer):
             **kwargs,
         )
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._step_counts: tuple[torch.Tensor, int] | None = None
+        self.stage_record: dict[str, Any] | None = None  # this trainer's entry in config.safety_training_stages
+        self._safety_num_items: torch.Tensor | None = None  # this optimizer step's safety rows (Stage I)
+        self._step_normalized = False  # whether the Trainer normalizes this step's loss over the step
 
     # ------------------------------------------------------------------------------------------------- preparation
     @staticmethod
@@ -210,37 +251,77 @@ class SafeVLMTrainer(Trainer):
         logger.info(f"Stage {args.stage}: training {len(trainable)} parameter tensors.")
         return model
 
+    # ------------------------------------------------------------------------------------------------ the record
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train`, then the stage is appended to the model's ``config.safety_training_stages`` (see
+        :func:`~safevlm_hf.training.record_training_stage`): the model card and any later run read what trained
+        this checkpoint. An :meth:`evaluate` after training adds its metrics to that record."""
+        result = super().train(*args, **kwargs)
+        self.stage_record = record_training_stage(self.model, self._stage_entry(result.metrics))
+        return result
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        if self.stage_record is not None:  # held-out metrics of the model this trainer finished
+            self.stage_record["metrics"].update(_recordable(metrics))
+        return metrics
+
+    def _stage_entry(self, train_metrics: dict[str, float]) -> dict[str, Any]:
+        args, state = self.args, self.state
+        metrics = {k: v for k, v in train_metrics.items() if k in ("train_loss", "train_runtime")}
+        logged = [entry for entry in state.log_history if "loss" in entry]
+        if logged:  # the last logged values of the loss parts and the head's accuracies
+            metrics.update({k: v for k, v in logged[-1].items() if k in _RECORDED_LOG_KEYS})
+        dataset = self.train_dataset
+        entry: dict[str, Any] = {
+            "stage": args.stage,
+            "data": published_data_name(getattr(dataset, "name", None) or type(dataset).__name__),
+            "rows": len(dataset) if hasattr(dataset, "__len__") else None,
+            "steps": state.global_step,
+            "epochs": round(float(state.epoch or 0.0), 4),
+            "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "learning_rate": args.learning_rate,
+            "seed": args.seed,
+        }
+        if args.stage == 1:
+            entry["safety_loss_weight"] = unwrap_safevlm(self.model).config.safety_loss_weight
+            entry["num_safe_samples"] = args.num_safe_samples
+        else:
+            entry["mode"] = args.stage2_mode
+            entry["conditioning"] = args.stage2_conditioning
+            entry["safety_profile"] = args.safety_profile
+            if args.stage2_mode == "lora":
+                entry["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
+        entry["metrics"] = _recordable(metrics)
+        return entry
+
     # -------------------------------------------------------------------------------------------------------- loss
-    @property
-    def safety_loss_weight(self) -> float:
-        """The weight ``w`` of the safety term (0 in Stage II, whose trainable weights it cannot reach)."""
-        if self.args.stage == 2:
-            return 0.0
-        if self.args.safety_loss_weight is not None:
-            return float(self.args.safety_loss_weight)
-        return float(unwrap_safevlm(self.accelerator.unwrap_model(self.model)).config.safety_loss_weight)
-
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """Collect the micro-batches of one optimizer step and count their targets (over every process).
+        """Collect the micro-batches of one optimizer step and count their safety targets (over every process).
 
-        The Trainer counts LM tokens this way for ``num_items_in_batch``; the safety rows need the same count so
-        that their loss is averaged over the whole step too rather than per micro-batch and per process.
+        The Trainer counts LM tokens this way for ``num_items_in_batch``; the safety rows need the same count, passed
+        to the model as ``safety_num_items_in_batch``, so that the safety terms are averaged over the whole step too
+        rather than per micro-batch and per process. Counted only when the Trainer passes ``num_items_in_batch`` (the
+        loss is then normalized over the step and not divided by the accumulation steps again).
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = torch.zeros(3, dtype=torch.long, device=device)
-        for batch in batch_samples:
-            if "labels" in batch:  # causal LM: position 0 is never a target
-                counts[0] += (batch["labels"][..., 1:] != IGNORE_INDEX).sum().to(device)
-            if "safety_type_labels" in batch:
-                counts[1] += (batch["safety_type_labels"] != IGNORE_INDEX).sum().to(device)
-            if "safety_level_labels" in batch:
-                counts[2] += (batch["safety_level_labels"] != IGNORE_INDEX).sum().to(device)
-        scale = 1
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            counts = self.accelerator.gather(counts[None]).sum(dim=0)
-            # DDP averages gradients over processes; undo it so the step's loss is the global sum / global count.
-            scale = self.accelerator.num_processes
-        self._step_counts = (counts, scale)
+        self._safety_num_items, self._step_normalized = None, False
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            return batch_samples, num_items_in_batch
+        across_devices = self.args.average_tokens_across_devices and self.args.world_size > 1
+        if self.args.stage == 1:
+            counts = torch.zeros(len(SAFETY_LABEL_NAMES), dtype=torch.long, device=device)
+            for batch in batch_samples:
+                for index, name in enumerate(SAFETY_LABEL_NAMES):
+                    if batch.get(name) is not None:
+                        counts[index] += (batch[name] != IGNORE_INDEX).sum().to(device)
+            if across_devices:
+                counts = self.accelerator.gather(counts[None]).sum(dim=0)
+            self._safety_num_items = counts
+        # The logged loss parts of this step are sums over its micro-batches (and processes, see `_record_stats`):
+        # one step mean when normalized over every process, one per process otherwise.
+        self._stats["train"]["loss_terms"] += 1 if across_devices else self.args.world_size
+        self._step_normalized = True
         return batch_samples, num_items_in_batch
 
     def compute_loss(
@@ -250,60 +331,45 @@ class SafeVLMTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """``lm_loss + w * (CE(type) + CE(level))`` from the model's outputs, with each term normalized over the step.
+        """The model's own loss (``outputs.loss``, see `SafeVLMForConditionalGeneration.forward`), with its parts
+        recorded for logging.
 
-        When the Trainer passes ``num_items_in_batch`` (training with a model that accepts loss kwargs, which
-        SafeVLM does), every term is a sum over this micro-batch divided by the count over the whole step (see
-        :meth:`get_batch_samples`), and the Trainer does not divide by the accumulation steps again. Otherwise
-        (evaluation) the terms are this batch's means.
+        Stage I passes the step's safety-row counts (:meth:`get_batch_samples`) with the Trainer's
+        ``num_items_in_batch``, so every term is a sum over this micro-batch divided by the count over the whole step.
+        Stage II passes no safety labels and skips the safety head: its modules are frozen, so the term could train
+        nothing. Evaluation gives each term as this batch's mean.
         """
         mode = "train" if model.training else "eval"
-        outputs = model(**inputs)
-        zero = outputs.logits.new_zeros(())
-        lm_mean = outputs.lm_loss if outputs.lm_loss is not None else zero
-        safety_mean = outputs.safety_loss if outputs.safety_loss is not None else zero
-        weight = self.safety_loss_weight
-
-        labels = inputs.get("labels")
-        type_labels, level_labels = inputs.get("safety_type_labels"), inputs.get("safety_level_labels")
-        local_tokens = (labels[..., 1:] != IGNORE_INDEX).sum() if labels is not None else zero.long()
-        if mode == "train" and num_items_in_batch is not None and self._step_counts is not None:
-            counts, scale = self._step_counts
-            counts = counts.to(lm_mean.device).clamp(min=1)
-            lm_term = lm_mean * local_tokens / counts[0] if local_tokens > 0 else zero
-            safety_term = zero
-            if weight:
-                # CE sums per head: the model's safety_loss is a per-batch mean of each head, not a sum.
-                for logits, target, count in (
-                    (outputs.safety_type_logits, type_labels, counts[1]),
-                    (outputs.safety_level_logits, level_labels, counts[2]),
-                ):
-                    if target is not None and bool((target != IGNORE_INDEX).any()):
-                        ce = F.cross_entropy(
-                            logits.float(), target.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum"
-                        )
-                        safety_term = safety_term + ce / count
-            loss = scale * (lm_term + weight * safety_term)
-        else:
-            loss = (lm_mean if local_tokens > 0 else zero) + weight * safety_mean
-        self._record_stats(
-            mode, lm_mean if local_tokens > 0 else None, safety_mean, outputs, type_labels, level_labels
-        )
+        inputs = dict(inputs)
+        if self.args.stage == 2:
+            for name in SAFETY_LABEL_NAMES:
+                inputs.pop(name, None)
+            inputs["compute_safety"] = False
+        normalized = mode == "train" and num_items_in_batch is not None and self._step_normalized
+        if normalized and self._safety_num_items is not None:
+            inputs["safety_num_items_in_batch"] = self._safety_num_items
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._record_stats(mode, outputs, inputs, normalized)
         return (loss, outputs) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------------------------- logging
     @torch.no_grad()
-    def _record_stats(self, mode, lm_mean, safety_mean, outputs, type_labels, level_labels) -> None:
+    def _record_stats(self, mode: str, outputs: Any, inputs: dict[str, Any], normalized: bool) -> None:
+        """Add this micro-batch's loss parts and head hits to the sums kept until the next log (summed over
+        processes). A step-normalized part is this micro-batch's share of the step mean, so the step's shares add up
+        to it; a batch mean counts as one term (on each process)."""
         device = outputs.logits.device
         values = torch.zeros(len(_STAT_NAMES), dtype=torch.float64, device=device)
-        if lm_mean is not None:
-            values[0] = lm_mean.detach().double()
-        values[1] = safety_mean.detach().double()
-        values[2] = 1.0
-        for offset, logits, target in (
-            (3, outputs.safety_type_logits, type_labels),
-            (5, outputs.safety_level_logits, level_labels),
+        if outputs.lm_loss is not None:
+            values[0] = outputs.lm_loss.detach().double()
+        if outputs.safety_loss is not None:
+            values[1] = outputs.safety_loss.detach().double()
+            values[2] = 1.0
+        for offset, logits, name in (
+            (3, outputs.safety_type_logits, "safety_type_labels"),
+            (5, outputs.safety_level_logits, "safety_level_labels"),
         ):
+            target = inputs.get(name)
             if logits is None or target is None:
                 continue
             target = target.to(device)
@@ -312,8 +378,11 @@ class SafeVLMTrainer(Trainer):
             values[offset + 1] = valid.sum()
         if self.args.world_size > 1:
             values = self.accelerator.gather(values[None]).sum(dim=0)
+        stats = self._stats[mode]
         for name, value in zip(_STAT_NAMES, values.tolist()):
-            self._stats[mode][name] += value
+            stats[name] += value
+        if not normalized:
+            stats["loss_terms"] += self.args.world_size
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -321,7 +390,8 @@ class SafeVLMTrainer(Trainer):
         metrics: dict[str, float] = {}
         if stats["loss_terms"]:
             metrics["lm_loss"] = stats["lm_loss"] / stats["loss_terms"]
-            metrics["safety_loss"] = stats["safety_loss"] / stats["loss_terms"]
+            if stats["safety_batches"]:
+                metrics["safety_loss"] = stats["safety_loss"] / stats["loss_terms"]
         if stats["type_rows"]:
             metrics["safety_type_accuracy"] = stats["type_correct"] / stats["type_rows"]
         if stats["level_rows"]:

@@ -312,7 +312,7 @@ class LlamaGuard3VisionJudge(LlamaGuard3Judge):
         super().__init__(model, processor, **kwargs)
 
     def _inputs(self, chunk: list[JudgeInput]) -> dict[str, Any]:
-        from ..benchmarks import open_image
+        from ..safety_benchmarks import open_image
 
         texts = [self.render(item) for item in chunk]
         images = [open_image(item.image) for item in chunk if item.image is not None]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from safevlm_hf.evaluation import typography
-from safevlm_hf.evaluation.benchmarks import (
+from safevlm_hf.evaluation.safety_benchmarks import (
     FIGSTEP_PROMPT,
     BenchmarkFormatError,
     BenchmarkItem,
@@ -219,7 +219,7 @@ def test_mmsafetybench_malformed_entries_name_file_and_line(tmp_path):
     with pytest.raises(BenchmarkFormatError, match=r"08-Political_Lobbying\.json:11: entry '1' lacks.*Key Phrase"):
         load_mmsafetybench(folder, "TYPO", render_dir=tmp_path)
     path.write_text('{\n\t"0": {\n\t\t"Question": "x",\n\t}\n}\n')
-    with pytest.raises(BenchmarkFormatError, match=r"08-Political_Lobbying\.json:4: invalid JSON"):
+    with pytest.raises(BenchmarkFormatError, match=r"08-Political_Lobbying\.json, line 4: not valid JSON"):
         load_mmsafetybench(folder, "TYPO", render_dir=tmp_path)
 
 
@@ -359,3 +359,47 @@ def test_skip_missing_images_keeps_the_rest_and_lists_what_it_skipped(tmp_path):
         f"figstep:{FIXTURES / 'figstep' / 'safebench_sample.csv'}", image_root=tmp_path, skip_missing_images=True
     )
     assert figstep.items == [] and len(figstep.skipped_missing_images) == 5
+
+
+def test_item_images_are_opened_by_the_data_loader_refusing_bombs_and_naming_the_file(tmp_path):
+    from test_data import bomb_png
+
+    def item(image):
+        return BenchmarkItem(id="x1", prompt="Describe it.", image=image, category="c", expected="answer", source="s")
+
+    with pytest.raises(BenchmarkFormatError, match=r"Item 'x1': image file '.*bomb\.png' .*decompression bomb"):
+        item(bomb_png(tmp_path / "bomb.png", 20_000, 20_000)).load_image()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    with pytest.raises(
+        BenchmarkFormatError, match=r"Item 'x1': image file '.*broken\.png' cannot be read as an image"
+    ):
+        item(tmp_path / "broken.png").load_image()
+    with pytest.raises(FileNotFoundError, match=r"Item 'x1': image file '.*missing\.png' does not exist"):
+        item(tmp_path / "missing.png").load_image()
+    assert item(str(_png(tmp_path / "ok.png"))).load_image().mode == "RGB"
+
+
+def test_benchmark_files_are_read_by_the_data_reader(tmp_path):
+    csv_path = FIXTURES / "xstest" / "xstest_prompts.csv"
+    lines = csv_path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"a", b"\xe9", 1)  # Latin-1, not UTF-8
+    path = _copy(tmp_path, csv_path, b"".join(lines))
+    with pytest.raises(BenchmarkFormatError, match=r"xstest_prompts\.csv, line 3: not valid UTF-8 at column"):
+        load_xstest(path)
+
+
+def _png(path: Path) -> Path:
+    Image.new("L", (8, 8)).save(path)
+    return path
+
+
+def test_vlguard_items_are_typed_by_the_training_data_mapping():
+    from safevlm_hf.data import VLGUARD_CATEGORY_FALLBACK, VLGUARD_CATEGORY_MAP
+    from safevlm_hf.evaluation.taxonomy import risk_type_for
+
+    # one table: a model is scored in the taxonomy it was trained with, for every (sub)category the data maps
+    for table in (VLGUARD_CATEGORY_MAP, VLGUARD_CATEGORY_FALLBACK):
+        for name, (risk_type, _level) in table.items():
+            assert risk_type_for(name, "vlguard") == risk_type, name
+    assert risk_type_for("other", "vlguard") == "Fairness"  # the evaluation copy had lost this subcategory
+    assert risk_type_for("safe", "vlguard") == "Safe"

@@ -1,8 +1,10 @@
-"""Adapters that read the published VLM-safety benchmark files from a local path into :class:`BenchmarkItem`s.
+"""The safety benchmark datasets: adapters that read the published VLM-safety benchmark files from a local path into
+:class:`BenchmarkItem`s. (The speed suite is the repository's ``benchmarks/`` folder, unrelated.)
 
 Each adapter reads the file exactly as its authors publish it (UTF-8 with or without BOM, LF or CRLF line endings, a
 missing final newline, CSV fields quoted only when needed) and raises :class:`BenchmarkFormatError` naming the file and
-line (or JSON entry) of anything it cannot read. Nothing is downloaded: point the adapter at a clone or an unpacked
+line (or JSON entry) of anything it cannot read. Files and images are read by the data package
+(:mod:`safevlm_hf.data.files`, its image loader), the one owner of reading untrusted input. Nothing is downloaded: point the adapter at a clone or an unpacked
 archive.
 
 * ``figstep:PATH[:text]`` - a FigStep SafeBench CSV (``safebench.csv``, ``SafeBench-Tiny.csv``). Each row's
@@ -22,9 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -32,6 +34,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from PIL import Image
 from transformers.utils import logging
 
+from ..data.examples import SafetyDataError, load_image
+from ..data.files import parse_json_text, read_text_file
 from .taxonomy import risk_type_for
 from .typography import render_to_file, style_font
 
@@ -150,32 +154,36 @@ class LabelledItem:
 
 
 def open_image(image: ImageRef | bytes, item_id: str = "") -> Image.Image | None:
-    """An RGB PIL image from a PIL image, a path, encoded bytes or ``None``; a missing file names the item and path."""
+    """An RGB PIL image from a PIL image, a path, encoded bytes or ``None``, opened by the data package's loader:
+    a missing file raises `FileNotFoundError`, an unreadable one or a decompression bomb a
+    :class:`BenchmarkFormatError`, each naming the item and the path."""
     if image is None:
         return None
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, bytes):
-        with Image.open(io.BytesIO(image)) as opened:
-            return opened.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"Item {item_id!r}: image file {str(path)!r} does not exist.")
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        image = str(image)
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"Item {item_id!r}: image file {image!r} does not exist.")
+    with _as_benchmark_error():
+        return load_image(image, f"Item {item_id!r}")
 
 
 # ------------------------------------------------------------------------------------------------ file reading
+@contextmanager
+def _as_benchmark_error() -> Iterator[None]:
+    """The data package reads every file and image; its errors (which name the file and line) are benchmark-format
+    errors here."""
+    try:
+        yield
+    except SafetyDataError as err:
+        raise BenchmarkFormatError(str(err)) from None
+
+
 def _read_text(path: Path) -> str:
-    """Decode a UTF-8 file (a leading BOM is dropped); a decoding error names the file and line."""
+    """A UTF-8 benchmark file (a leading BOM dropped); a decoding error names the file and line."""
     if not path.is_file():
         raise FileNotFoundError(f"Benchmark file {str(path)!r} does not exist.")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise BenchmarkFormatError(f"{path}:{line}: not valid UTF-8 ({err.reason}); save the file as UTF-8.") from None
+    with _as_benchmark_error():
+        return read_text_file(path)
 
 
 def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
@@ -236,11 +244,10 @@ def _require_int(path: Path, line: int, row: Mapping[str, str], name: str) -> in
 
 
 def _load_json(path: Path) -> tuple[Any, str]:
+    """The parsed file and its text (for the line numbers of its entries)."""
     text = _read_text(path)
-    try:
-        return json.loads(text), text
-    except json.JSONDecodeError as err:
-        raise BenchmarkFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno}).") from None
+    with _as_benchmark_error():
+        return parse_json_text(text, str(path)), text
 
 
 def _check_limit(limit: int | None) -> None:
@@ -432,7 +439,7 @@ def load_vlguard(
     unreadable one (or a decompression bomb) a :class:`BenchmarkFormatError`. The entries are parsed by the data
     package's VLGuard parser (:func:`safevlm_hf.data.vlguard.parse_vlguard_entry`), the one owner of the format.
     """
-    from ..data.examples import SafetyDataError, check_image
+    from ..data.examples import check_image
     from ..data.vlguard import parse_vlguard_entry, read_vlguard_entries
 
     if subset is not None and subset not in VLGUARD_SUBSETS:
@@ -443,7 +450,7 @@ def load_vlguard(
     subset_of = {"safe_instruction": "safe_safes", "unsafe_instruction": "safe_unsafes", "instruction": "unsafes"}
     _check_limit(limit)
     items: list[BenchmarkItem] = []
-    try:
+    with _as_benchmark_error():
         for index, (location, entry) in enumerate(read_vlguard_entries(path)):
             if _full(items, limit):
                 break
@@ -485,8 +492,6 @@ def load_vlguard(
                         risk_type=risk_type,
                     )
                 )
-    except SafetyDataError as err:
-        raise BenchmarkFormatError(str(err)) from None
     return _apply_limit(items, limit)
 
 
@@ -636,6 +641,7 @@ def parse_benchmark_spec(spec: str) -> tuple[str, str, str | None]:
     return name, rest, None
 
 
+# The keyword options repeat select_benchmark's first ones on purpose: a typed public signature, no logic of its own.
 def load_benchmark(
     spec: str,
     *,
@@ -652,28 +658,7 @@ def load_benchmark(
     ``limit`` keeps the first N items. :func:`select_benchmark` adds stratified sampling and skipping of items whose
     images are missing.
     """
-    return _load(spec, image_root, render_dir, font_path, limit, check_images=True, render=True)
-
-
-def _load(
-    spec: str,
-    image_root: PathLike | None,
-    render_dir: PathLike | None,
-    font_path: PathLike | None,
-    limit: int | None,
-    *,
-    check_images: bool,
-    render: bool,
-) -> list[BenchmarkItem]:
-    name, path, option = parse_benchmark_spec(spec)
-    typography = dict(render_dir=render_dir, font_path=font_path, render=render, check_images=check_images)
-    if name == "figstep":
-        return load_figstep(path, option or "figstep", image_root=image_root, limit=limit, **typography)
-    if name == "xstest":
-        return load_xstest(path, limit=limit)
-    if name == "vlguard":
-        return load_vlguard(path, option, image_root=image_root, check_images=check_images, limit=limit)
-    return load_mmsafetybench(path, option or "SD_TYPO", image_root=image_root, limit=limit, **typography)
+    return select_benchmark(spec, image_root=image_root, render_dir=render_dir, font_path=font_path, limit=limit).items
 
 
 @dataclass
@@ -728,9 +713,18 @@ def select_benchmark(
         raise ValueError(f"{spec}: use either a limit (first N items) or a sample (stratified N items), not both.")
     if sample is not None and sample < 1:
         raise ValueError(f"sample must be >= 1, got {sample}.")
-    items = _load(
-        spec, image_root, render_dir, font_path, limit, check_images=not skip_missing_images, render=sample is None
-    )
+    name, path, option = parse_benchmark_spec(spec)
+    # Typographic images are rendered now, or only for the sampled items; missing images fail now, or are skipped.
+    check_images, render = not skip_missing_images, sample is None
+    typography = dict(render_dir=render_dir, font_path=font_path, render=render, check_images=check_images)
+    if name == "figstep":
+        items = load_figstep(path, option or "figstep", image_root=image_root, limit=limit, **typography)
+    elif name == "xstest":
+        items = load_xstest(path, limit=limit)
+    elif name == "vlguard":
+        items = load_vlguard(path, option, image_root=image_root, check_images=check_images, limit=limit)
+    else:
+        items = load_mmsafetybench(path, option or "SD_TYPO", image_root=image_root, limit=limit, **typography)
     skipped = []
     if skip_missing_images:
         skipped = [(item.id, str(item.image)) for item in items if _image_missing(item)]
