@@ -181,6 +181,8 @@ class SafeVLMImageOutputs(BaseModelOutputWithPooling):
     num_placeholder_tokens: list[int] | None = None
 
 
+# The model and causal-LM outputs repeat the three safety fields: each extends its own installed LLaVA output class,
+# and ModelOutput's tuple order follows the dataclass fields, which a shared mixin would make depend on the MRO.
 @dataclass
 class SafeVLMModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
@@ -209,7 +211,7 @@ class SafeVLMCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     lm_loss (`torch.Tensor`, *optional*):
         Next-token loss alone.
     safety_loss (`torch.Tensor`, *optional*):
-        `CE(type) + CE(level)` alone (unweighted).
+        `CE(type) + CE(level) [+ CE(sub-category)]` alone (unweighted).
     safety_type_logits (`torch.Tensor` of shape `(batch_size, num_safety_types)`, *optional*):
         Risk-type logits of the safety head.
     safety_level_logits (`torch.Tensor` of shape `(batch_size, num_safety_levels)`, *optional*):
