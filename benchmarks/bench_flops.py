@@ -104,8 +104,11 @@ def safety_branch_flops(s: FlopShape, text_tokens: int, images: int = 1) -> floa
     features = s.safety_tokens + images * s.patches  # set 2 + safety projector output
     head = 2 * text_tokens * d * dh + 2 * features * d * dh
     per_layer = (
-        2 * query_len * 4 * dh * dh + 4 * dh * query_len * query_len  # self-attention over the text stream
-        + 2 * query_len * 2 * dh * dh + 2 * features * 2 * dh * dh + 4 * dh * query_len * features  # cross-attention
+        2 * query_len * 4 * dh * dh
+        + 4 * dh * query_len * query_len  # self-attention over the text stream
+        + 2 * query_len * 2 * dh * dh
+        + 2 * features * 2 * dh * dh
+        + 4 * dh * query_len * features  # cross-attention
         + 2 * query_len * 2 * dh * ih  # MLP
     )
     head += s.head_layers * per_layer + 2 * dh * (s.num_types + s.num_levels)
@@ -227,8 +230,9 @@ def _cpu_flash_sdpa(query, key, value, dropout_p=0.0, is_causal=False, *args, ou
     return int(flop_counter.sdpa_flop_count(query, key, value) * _causal_fraction(query, key, is_causal))
 
 
-def _cpu_flash_sdpa_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False,
-                             *args, out_shape=None, **kwargs) -> int:
+def _cpu_flash_sdpa_backward(
+    grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs
+) -> int:
     flops = flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
     return int(flops * _causal_fraction(query, key, is_causal))
 
@@ -250,9 +254,7 @@ def count_flops(run: Callable[[], Any]) -> int:
 # ------------------------------------------------------------------------------------------- real llava shapes
 def parameter_overhead(model: SafeVLMForConditionalGeneration) -> dict[str, Any]:
     """Base and safety parameter counts of a SafeVLM (any device, meta included), per safety module."""
-    per_module = {
-        name: sum(p.numel() for p in module.parameters()) for name, module in model.safety_modules().items()
-    }
+    per_module = {name: sum(p.numel() for p in module.parameters()) for name, module in model.safety_modules().items()}
     safety = sum(per_module.values())
     total = sum(p.numel() for p in model.parameters())
     return {

@@ -53,13 +53,16 @@ class RatioStats:
         return cls(median=median, q1=q1, q3=q3, min_ratio=min(a) / min(b), rounds=len(ratios))
 
     def to_dict(self) -> dict[str, float]:
-        return {"median": self.median, "q1": self.q1, "q3": self.q3, "min_ratio": self.min_ratio,
-                "rounds": self.rounds}
+        return {
+            "median": self.median,
+            "q1": self.q1,
+            "q3": self.q3,
+            "min_ratio": self.min_ratio,
+            "rounds": self.rounds,
+        }
 
 
-def interleaved(
-    variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
-) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Wall-clock seconds of each variant, ``rounds`` samples each, the variants interleaved round by round.
 
     Every variant is first run ``warmup`` times (allocator, oneDNN kernels, lazy hooks). The order alternates
@@ -286,8 +289,9 @@ def interleaved_decode_steps(
                 cache, token, mask = state[name]
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 start = time.perf_counter()
-                out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
+                out = model(
+                    input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 seconds[name].append(time.perf_counter() - start)
                 state[name] = (out.past_key_values, token, mask)

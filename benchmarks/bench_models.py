@@ -108,15 +108,29 @@ def tokenizer_corpus(num_lines: int = 4000, seed: int = 0) -> list[str]:
     messages are repeated so that they still encode compactly (the forced refusal length matters for decoding).
     """
     rng = random.Random(seed)
-    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + ["an", "en", "in", "on", "ar", "er", "st", "th"]
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + [
+        "an",
+        "en",
+        "in",
+        "on",
+        "ar",
+        "er",
+        "st",
+        "th",
+    ]
     lines = [
         " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(50))
         for _ in range(num_lines)
     ]
     policy = default_safety_policy()
     messages = policy["messages"]
-    english = [*PROMPTS, ANSWER, *messages["reasons"].values(), messages["refuse"]["default"],
-               messages["caution"]["default"]]
+    english = [
+        *PROMPTS,
+        ANSWER,
+        *messages["reasons"].values(),
+        messages["refuse"]["default"],
+        messages["caution"]["default"],
+    ]
     return lines + english * 200
 
 

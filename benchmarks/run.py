@@ -78,14 +78,38 @@ class RunSettings:
 
 
 FULL = RunSettings(
-    shape=MID_SIZE, warmup=1, prefill_rounds=25, decode_rounds=8, new_tokens=32, guard_tokens=5, guard_rounds=8,
-    batch_size=4, batch_new_tokens=64, batch_rounds=4, train_batch_size=2, train_rounds=5, memory_rounds=3,
-    gate_calls=2000, step_rounds=4,
+    shape=MID_SIZE,
+    warmup=1,
+    prefill_rounds=25,
+    decode_rounds=8,
+    new_tokens=32,
+    guard_tokens=5,
+    guard_rounds=8,
+    batch_size=4,
+    batch_new_tokens=64,
+    batch_rounds=4,
+    train_batch_size=2,
+    train_rounds=5,
+    memory_rounds=3,
+    gate_calls=2000,
+    step_rounds=4,
 )
 QUICK_RUN = RunSettings(
-    shape=QUICK, warmup=1, prefill_rounds=2, decode_rounds=2, new_tokens=4, guard_tokens=2, guard_rounds=2,
-    batch_size=4, batch_new_tokens=6, batch_rounds=1, train_batch_size=2, train_rounds=1, memory_rounds=1,
-    gate_calls=50, step_rounds=1,
+    shape=QUICK,
+    warmup=1,
+    prefill_rounds=2,
+    decode_rounds=2,
+    new_tokens=4,
+    guard_tokens=2,
+    guard_rounds=2,
+    batch_size=4,
+    batch_new_tokens=6,
+    batch_rounds=1,
+    train_batch_size=2,
+    train_rounds=1,
+    memory_rounds=1,
+    gate_calls=50,
+    step_rounds=1,
 )
 
 
@@ -227,7 +251,10 @@ def bench_prefill_and_verdict(models: BenchModels, run: RunSettings, base_in: di
             seconds["safevlm_predict_safety"], seconds["safevlm_prefill"]
         ).to_dict(),
         "forward_calls": calls,
-        "sequence_length": {"llava": int(base_in["input_ids"].shape[1]), "safevlm": int(safe_in["input_ids"].shape[1])},
+        "sequence_length": {
+            "llava": int(base_in["input_ids"].shape[1]),
+            "safevlm": int(safe_in["input_ids"].shape[1]),
+        },
     }
 
 
@@ -303,7 +330,8 @@ def bench_decode_steps(models: BenchModels, run: RunSettings, base_in: dict, saf
     for label, base, safe in (("batch_1", base_in, safe_in), (f"batch_{run.batch_size}", batch_base, batch_safe)):
         seconds = interleaved_decode_steps(
             {"llava": (models.llava, base), "safevlm": (models.safevlm, safe)},
-            steps=run.new_tokens, rounds=run.step_rounds,
+            steps=run.new_tokens,
+            rounds=run.step_rounds,
         )
         result[label] = {
             "step_s": {name: median(values) for name, values in seconds.items()},
@@ -324,12 +352,16 @@ def bench_gate(models: BenchModels, run: RunSettings, safe_in: dict, decode_step
     scores = torch.randn(1, vocab)
     gates = {
         "idle (answer)": SafetyGateLogitsProcessor.from_forced([None], [False], tokenizer.eos_token_id, prompt_length),
-        "forcing (refuse)": SafetyGateLogitsProcessor.from_forced([forced], [True], tokenizer.eos_token_id, prompt_length),
+        "forcing (refuse)": SafetyGateLogitsProcessor.from_forced(
+            [forced], [True], tokenizer.eos_token_id, prompt_length
+        ),
     }
     result = {}
     for name, gate in gates.items():
         gate(input_ids, scores)
-        per_call = min(timeit.repeat(lambda: gate(input_ids, scores), number=run.gate_calls, repeat=3)) / run.gate_calls
+        per_call = (
+            min(timeit.repeat(lambda: gate(input_ids, scores), number=run.gate_calls, repeat=3)) / run.gate_calls
+        )
         result[name] = {"seconds_per_call": per_call, "fraction_of_decode_step": per_call / decode_step_s}
     return result
 
@@ -577,11 +609,15 @@ def bench_training(models: BenchModels, run: RunSettings, measure_memory: bool) 
         "step_ratio_stage1_vs_full": RatioStats.of(seconds["stage1"], seconds["full"]).to_dict(),
         "flops": flops,
         "trainable_params": {
-            name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models_by_name.items()
+            name: sum(p.numel() for p in model.parameters() if p.requires_grad)
+            for name, model in models_by_name.items()
         },
         "adamw_moment_bytes": {
-            name: sum(state[key].numel() * state[key].element_size()
-                      for state in opt.state.values() for key in ("exp_avg", "exp_avg_sq"))
+            name: sum(
+                state[key].numel() * state[key].element_size()
+                for state in opt.state.values()
+                for key in ("exp_avg", "exp_avg_sq")
+            )
             for name, opt in optimizers.items()
         },
     }
@@ -715,11 +751,15 @@ def build_table(results: dict) -> list[dict[str, str]]:
             "measured": (
                 f"{m['total_bytes']['safevlm'] / 2**20:.0f} / {m['total_bytes']['llava'] / 2**20:.0f} MiB (growth "
                 f"{m['peak_bytes']['safevlm'] / 2**20:.1f} / {m['peak_bytes']['llava'] / 2**20:.1f} MiB)"
-                if m.get("total_bytes") else "n/a"
+                if m.get("total_bytes")
+                else "n/a"
             ),
             "ratio": (
-                f"{m['total_ratio']:.3f} (growth {m['peak_ratio']:.3f})" if m.get("peak_ratio")
-                else f"{m['total_ratio']:.3f}" if m.get("total_ratio") else "n/a"
+                f"{m['total_ratio']:.3f} (growth {m['peak_ratio']:.3f})"
+                if m.get("peak_ratio")
+                else f"{m['total_ratio']:.3f}"
+                if m.get("total_ratio")
+                else "n/a"
             ),
             "flops": "-",
             "floor": f"weights {m['weights_bytes']['safevlm'] / m['weights_bytes']['llava']:.3f}, KV "
@@ -834,30 +874,45 @@ def evaluate_targets(results: dict) -> dict[str, dict[str, Any]]:
         "gate_overhead": (gate_share, "<=", 0.02, "idle gate <= 2 % of a step"),
         "llm_forward_calls": (calls["safevlm_gated"]["llm"] - calls["safevlm_ungated"]["llm"], "<=", 0, "+0 calls"),
         "prefill_overhead": (
-            p["prefill_ratio"]["median"] - 1, "<=", mid["prefill_overhead"] + 0.03,
+            p["prefill_ratio"]["median"] - 1,
+            "<=",
+            mid["prefill_overhead"] + 0.03,
             f"overhead <= floor + 3 % = {100 * (mid['prefill_overhead'] + 0.03):.1f} %",
         ),
         "verdict_fraction": (p["assess_vs_prefill"]["median"], "<=", 0.25, "<= 0.25"),
         "guard_speedup": (e["speedup_ttft"]["median"], ">=", 1.7, ">= 1.7 x"),
         "safety_params": (
-            results["parameters"]["llava-1.5-7b"]["parameters"]["safety_fraction"], "<=", 0.02, "<= 2 % at 7B"
+            results["parameters"]["llava-1.5-7b"]["parameters"]["safety_fraction"],
+            "<=",
+            0.02,
+            "<= 2 % at 7B",
         ),
         "refused_llm_forwards": (r["llm_forward_calls_all_refused"], "<=", 0, "0 LLM forwards"),
         "refused_vs_verdict": (r["all_refused_vs_verdict"]["median"], "<=", 1.15, "<= 1.15"),
         "refused_vs_llava": (r["all_refused_vs_llava_generate"]["median"], "<=", 0.4, "<= 0.4"),
         "mixed_batch_throughput": (
-            b["safevlm_half_refused"]["delivered_tokens_per_s"] / b["llava"]["delivered_tokens_per_s"], ">=", 1.0,
+            b["safevlm_half_refused"]["delivered_tokens_per_s"] / b["llava"]["delivered_tokens_per_s"],
+            ">=",
+            1.0,
             ">= 1.0",
         ),
         "caution_first_token": (
-            r["caution_first_free_token_vs_llava_prefill"]["median"], "<=", 1.1 * p["prefill_ratio"]["median"],
+            r["caution_first_free_token_vs_llava_prefill"]["median"],
+            "<=",
+            1.1 * p["prefill_ratio"]["median"],
             f"<= 1.1 x prefill ratio = {1.1 * p['prefill_ratio']['median']:.3f}",
         ),
     }
     evaluated = {}
     for name, (value, op, bound, text) in checks.items():
         met = value <= bound if op == "<=" else value >= bound
-        evaluated[name] = {"value": value, "bound": bound, "op": op, "met": bool(met), "text": f"{text}: {'met' if met else 'MISSED'}"}
+        evaluated[name] = {
+            "value": value,
+            "bound": bound,
+            "op": op,
+            "met": bool(met),
+            "text": f"{text}: {'met' if met else 'MISSED'}",
+        }
     return evaluated
 
 
@@ -865,7 +920,9 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     header = "| Figure | Measured (SafeVLM / reference) | Ratio, median [IQR] | Counted FLOPs ratio | Analytic FLOP ratio (this model / 7B) | Target |"
     lines = [header, "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['figure']} | {row['measured']} | {row['ratio']} | {row['flops']} | {row['floor']} | {row['target']} |")
+        lines.append(
+            f"| {row['figure']} | {row['measured']} | {row['ratio']} | {row['flops']} | {row['floor']} | {row['target']} |"
+        )
     return "\n".join(lines)
 
 
@@ -925,12 +982,23 @@ def run_suite(run: RunSettings, profile_dir: Path | None = None, log: Callable[[
     real = real_shape_overheads(num_safety_tokens=64)
     results["parameters"] = {
         "mid": parameter_overhead(models.safevlm),
-        **{name: {"parameters": entry["parameters"], "adamw_state_bytes_stage1": entry["adamw_state_bytes_stage1"],
-                  "adamw_state_bytes_full": entry["adamw_state_bytes_full"]} for name, entry in real.items()},
+        **{
+            name: {
+                "parameters": entry["parameters"],
+                "adamw_state_bytes_stage1": entry["adamw_state_bytes_stage1"],
+                "adamw_state_bytes_full": entry["adamw_state_bytes_full"],
+            }
+            for name, entry in real.items()
+        },
     }
     results["floors"] = {
-        "mid": analytic_floors(models.safevlm.config, text_tokens, name=run.shape.name,
-                               new_tokens=run.new_tokens, guard_tokens=run.guard_tokens).to_dict(),
+        "mid": analytic_floors(
+            models.safevlm.config,
+            text_tokens,
+            name=run.shape.name,
+            new_tokens=run.new_tokens,
+            guard_tokens=run.guard_tokens,
+        ).to_dict(),
         **{name: entry["floors"] for name, entry in real.items()},
     }
 
@@ -941,8 +1009,10 @@ def run_suite(run: RunSettings, profile_dir: Path | None = None, log: Callable[[
         "settings": {k: v for k, v in run.__dict__.items() if k != "shape"},
         "text_tokens": text_tokens,
         "tokenizer_vocab": len(models.tokenizer),
-        "params": {"llava": sum(p.numel() for p in models.llava.parameters()),
-                   "safevlm": sum(p.numel() for p in models.safevlm.parameters())},
+        "params": {
+            "llava": sum(p.numel() for p in models.llava.parameters()),
+            "safevlm": sum(p.numel() for p in models.safevlm.parameters()),
+        },
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -139,13 +139,7 @@ class SafetyGateLogitsProcessor(LogitsProcessor):
         lead = self.chosen_lead(row, generated)
         if lead is None:
             step = len(generated)
-            allowed = sorted(
-                {
-                    l[step]
-                    for l in plan.leads
-                    if step < len(l) and list(l[:step]) == generated[:step]
-                }
-            )
+            allowed = sorted({l[step] for l in plan.leads if step < len(l) and list(l[:step]) == generated[:step]})
             return (allowed or [int(self.eos_token_id)]), None
         column = plan.column(lead, self.eos_token_id)
         token = column[min(len(generated), len(column) - 1)]
@@ -215,7 +209,9 @@ class SafetyGateLogitsProcessor(LogitsProcessor):
                 if plan.ends[lead] != "free":
                     # EOS at the latest right after the lead (refusal) or after the budget (guided refusal).
                     limit = len(lead_tokens) + (plan.budget if plan.ends[lead] == "budget" else 0)
-                    ended = [i for i in range(len(lead_tokens), min(limit, len(tokens))) if tokens[i] == self.eos_token_id]
+                    ended = [
+                        i for i in range(len(lead_tokens), min(limit, len(tokens))) if tokens[i] == self.eos_token_id
+                    ]
                     stop = ended[0] if ended else (limit if limit < len(tokens) else None)
                     if stop is not None:
                         tokens[stop] = int(self.eos_token_id)

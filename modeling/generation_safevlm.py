@@ -65,7 +65,9 @@ def real_tokens(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
     return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(input_ids, attention_mask)` of token lists, left-padded as decoder-only generation expects."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long, device=device)

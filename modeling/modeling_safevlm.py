@@ -115,9 +115,7 @@ _CACHE_NAMES = ("cache", "past_key_values")
 # llava-hf checkpoints store legacy keys (`language_model.model.*`, `language_model.lm_head`); transformers converts
 # them only for registered model types, so a SafeVLM built from such a checkpoint would otherwise get a random lm_head.
 register_checkpoint_conversion_mapping("safevlm", get_checkpoint_conversion_mapping("llava"), overwrite=True)
-register_checkpoint_conversion_mapping(
-    "safevlm_next", get_checkpoint_conversion_mapping("llava_next"), overwrite=True
-)
+register_checkpoint_conversion_mapping("safevlm_next", get_checkpoint_conversion_mapping("llava_next"), overwrite=True)
 
 # Decoding modes whose loop is transformers' own and runs every logits processor (the gate included). The others run
 # Hub code (contrastive search, DoLa, group / constrained beam search) or a draft model (assisted generation).
@@ -653,15 +651,24 @@ class SafeVLMModelMixin:
         placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds)
         text_mask = ~placeholder_mask
         pad_token_id = getattr(self.config.get_text_config(), "pad_token_id", None)
-        if attention_mask is not None and attention_mask.dim() == 4 and input_ids is not None and pad_token_id is not None:
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 4
+            and input_ids is not None
+            and pad_token_id is not None
+        ):
             text_mask = text_mask & (input_ids != pad_token_id)
         for extra in (_token_mask(attention_mask, text_mask.shape[1]), safety_text_mask):
             if extra is not None:
                 text_mask = text_mask & extra.to(text_mask.device, torch.bool)
         head = self.safety_head
         features, feature_mask = self._safety_context(placeholder_mask, image_outputs, head.query.dtype, cached)
-        return head(inputs_embeds.to(head.query.device, head.query.dtype), text_mask.to(head.query.device), features,
-                    feature_mask)
+        return head(
+            inputs_embeds.to(head.query.device, head.query.dtype),
+            text_mask.to(head.query.device),
+            features,
+            feature_mask,
+        )
 
     def _record_cache_context(
         self,
@@ -832,7 +839,6 @@ class SafeVLMModel(SafeVLMModelMixin, SafeVLMPreTrainedModel, LlavaModel):
         )
 
 
-
 class SafeVLMNextModel(SafeVLMModelMixin, SafeVLMNextPreTrainedModel, LlavaNextModel):
     """LLaVA-NeXT's base model plus the safety branch: the safety projector reads every anyres tile of an image
     (base image and crops), and safety tokens set 1 follow each image's packed tokens, whatever its size."""
@@ -857,7 +863,8 @@ class SafeVLMNextModel(SafeVLMModelMixin, SafeVLMNextPreTrainedModel, LlavaNextM
         outputs = super().get_image_features(pixel_values, image_sizes, **call)
         tiles = [
             image_size_to_num_patches(
-                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                image_size=size,
+                grid_pinpoints=self.config.image_grid_pinpoints,
                 patch_size=self.config.vision_config.image_size,
             )
             for size in image_sizes
@@ -984,7 +991,9 @@ class SafeVLMGenerationMixin:
                     "SafeVLMConfig fields only (loading options apply to paths)."
                 )
             cls._check_base_type(model_or_path.config, type(model_or_path).__name__)
-            model = cls._from_llava_model(model_or_path, config_class.from_llava_config(model_or_path.config, **overrides))
+            model = cls._from_llava_model(
+                model_or_path, config_class.from_llava_config(model_or_path.config, **overrides)
+            )
         model.init_safety_modules(seed)
         return model
 
@@ -1407,10 +1416,17 @@ class SafeVLMGenerationMixin:
                 message = self._encode_message(tokenizer, verdict.message)
                 plans.append(RowPlan(lead=message) if action == "caution" else RowPlan(output=message + [int(eos)]))
                 continue
-            fields = (verdict.category, verdict.level, self.config.safety_levels[verdict.level], verdict.profile,
-                      verdict.subcategory)
+            fields = (
+                verdict.category,
+                verdict.level,
+                self.config.safety_levels[verdict.level],
+                verdict.profile,
+                verdict.subcategory,
+            )
             hint = self._encode_message(tokenizer, policy.hint(action, *fields))
-            leads = {name: self._encode_message(tokenizer, policy.lead(name, *fields)) for name in ("caution", "refuse")}
+            leads = {
+                name: self._encode_message(tokenizer, policy.lead(name, *fields)) for name in ("caution", "refuse")
+            }
             budget = policy.refusal_budget
             if action == "caution":
                 plans.append(RowPlan(context=hint, lead=leads["caution"]))
@@ -1488,7 +1504,9 @@ class SafeVLMGenerationMixin:
 
         def run(input_ids, attention_mask, image_features, max_new_tokens, min_new_tokens, gate, streamer):
             processors = LogitsProcessorList(user_processors + ([gate] if gate.active else []))
-            images = {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))} if image_features else None
+            images = (
+                {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))} if image_features else None
+            )
             config = copy.deepcopy(base_config)
             config.update(
                 max_new_tokens=max_new_tokens,
@@ -1520,8 +1538,16 @@ class SafeVLMGenerationMixin:
 
         layout = OutputLayout(expand, pad, eos, self.config.get_text_config().vocab_size, want_scores, want_logits)
         results, outputs = run_rows(
-            plans, input_ids, attention_mask, llm_images, run, max_new_tokens=max_new, min_new_tokens=min_new,
-            layout=layout, make_gate=make_gate, streamer=streamer,
+            plans,
+            input_ids,
+            attention_mask,
+            llm_images,
+            run,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            layout=layout,
+            make_gate=make_gate,
+            streamer=streamer,
         )
         decisions: dict[int, int | None] = {}
         for rows, gate, output in outputs:
@@ -1649,8 +1675,11 @@ class SafeVLMGenerationMixin:
                 )
             gate = SafetyGateLogitsProcessor(
                 [
-                    None if p.runs_llm and not p.lead else GatePlan.forced(
-                        p.output[:-1] if p.output else p.lead, "eos" if p.output else "free"  # output ends with EOS
+                    None
+                    if p.runs_llm and not p.lead
+                    else GatePlan.forced(
+                        p.output[:-1] if p.output else p.lead,
+                        "eos" if p.output else "free",  # output ends with EOS
                     )
                     for p in plans
                 ],

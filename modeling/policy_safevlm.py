@@ -533,7 +533,12 @@ class SafetyPolicy:
         return template.format(**self._fields(category, level, level_name, profile, subcategory))
 
     def hint(
-        self, action: str, category: str, level: int, level_name: str = "", profile: str | None = None,
+        self,
+        action: str,
+        category: str,
+        level: int,
+        level_name: str = "",
+        profile: str | None = None,
         subcategory: str | None = None,
     ) -> str:
         """Guided mode: the hint put into the model's context for ``action`` (empty for ``"answer"``).
@@ -547,7 +552,12 @@ class SafetyPolicy:
         return template.format(**self._fields(category, level, level_name, profile, subcategory)).strip()
 
     def lead(
-        self, action: str, category: str, level: int, level_name: str = "", profile: str | None = None,
+        self,
+        action: str,
+        category: str,
+        level: int,
+        level_name: str = "",
+        profile: str | None = None,
         subcategory: str | None = None,
     ) -> str:
         """Guided mode: the short lead the gate forces for ``"refuse"`` or ``"caution"``."""
@@ -628,8 +638,9 @@ class SafetyPolicy:
     def _bound_labels(self) -> tuple[Sequence[str], Sequence[str]]:
         types = self.safety_types or DEFAULT_SAFETY_TYPES
         levels = self.level_names or (
-            DEFAULT_SAFETY_LEVELS if self.num_levels == len(DEFAULT_SAFETY_LEVELS) else
-            tuple(str(i) for i in range(self.num_levels))
+            DEFAULT_SAFETY_LEVELS
+            if self.num_levels == len(DEFAULT_SAFETY_LEVELS)
+            else tuple(str(i) for i in range(self.num_levels))
         )
         return types, levels
 
@@ -745,7 +756,9 @@ class SafetyPolicy:
         _check_keys(guided, ["refusal_budget"], "safety_policy.guided")
         budget = guided.get("refusal_budget", DEFAULT_REFUSAL_BUDGET)
         if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= 1024:
-            raise SafetyPolicyError(f"safety_policy.guided.refusal_budget: expected an integer 1..1024, got {budget!r}.")
+            raise SafetyPolicyError(
+                f"safety_policy.guided.refusal_budget: expected an integer 1..1024, got {budget!r}."
+            )
 
         messages = _check_mapping(policy.get("messages", {}), "safety_policy.messages")
         _check_keys(messages, ["refuse", "caution", "reasons", "unassessed", "hint", "lead"], "safety_policy.messages")

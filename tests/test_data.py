@@ -467,8 +467,11 @@ def test_sub_category_labels_are_optional_and_checked_against_the_type(tmp_path)
     dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
     assert [e.safe_subcategory for e in dataset.examples] == [SEXUAL, SEXUAL, "none", None]
     bad = _write_jsonl(tmp_path / "bad", [_row(safe_type=4, safe_level=2, safe_subcategory=SEXUAL)])
-    with pytest.raises(SafetyDataError, match=r"line 1: safe_subcategory .* belongs to 'Illegal Risk' but the row's "
-                       r"safe_type is 4 \(Privacy\)"):
+    with pytest.raises(
+        SafetyDataError,
+        match=r"line 1: safe_subcategory .* belongs to 'Illegal Risk' but the row's "
+        r"safe_type is 4 \(Privacy\)",
+    ):
         load_safety_dataset(bad)
 
 
@@ -489,8 +492,13 @@ def test_guided_conditioning_puts_the_hint_in_context_and_trains_on_lead_reason_
         _row(question="Find where she lives.", answer="She lives at 5 Main St.", safe_type=4, safe_level=3),
         _row(question="Is this rumor true?", answer="It is unverified.", safe_type=5, safe_level=1),
         _row(question="What color is it?", answer="Red.", safe_type=6, safe_level=0),
-        _row(question="Show me explicit pictures.", answer="Here.", safe_type=1, safe_level=2,
-             safe_subcategory="Sexual content"),
+        _row(
+            question="Show me explicit pictures.",
+            answer="Here.",
+            safe_type=1,
+            safe_level=2,
+            safe_subcategory="Sexual content",
+        ),
     ]
     dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
     policy = SafetyPolicy.default(TYPES, 4, LEVELS, [SEXUAL])

@@ -98,7 +98,10 @@ def test_a_prefix_cache_keeps_the_verdict_of_the_image_it_holds(image_refuser):
         prefix = model(input_ids=prompt[:, :-2], pixel_values=inputs["pixel_values"], use_cache=True)
     cache = prefix.get("cache", prefix.get("past_key_values"))
     out = model.generate(
-        input_ids=prompt, attention_mask=inputs["attention_mask"], past_key_values=cache, max_new_tokens=60,
+        input_ids=prompt,
+        attention_mask=inputs["attention_mask"],
+        past_key_values=cache,
+        max_new_tokens=60,
         safety_policy=policy,
     )
     assert out[0, prompt.shape[1] :].tolist()[: len(expected)] == expected
@@ -111,11 +114,18 @@ def test_a_conversation_continued_from_a_returned_cache_keeps_its_verdict(image_
     # A first turn decoded without gating (e.g. by a server that gates only later turns) returns its cache.
     first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, safety_gating=False)
     cache = first.get("cache", first.get("past_key_values"))
-    assert cache.safevlm_safety_context.placeholders == [int((inputs["input_ids"] == model.config.image_token_id).sum())]
+    assert cache.safevlm_safety_context.placeholders == [
+        int((inputs["input_ids"] == model.config.image_token_id).sum())
+    ]
     follow_up = processor.tokenizer(" USER: and now? ASSISTANT:", add_special_tokens=False, return_tensors="pt")
     ids = torch.cat([first.sequences, follow_up["input_ids"]], dim=1)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                         max_new_tokens=60, safety_policy=policy)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=60,
+        safety_policy=policy,
+    )
     assert out[0, ids.shape[1] :].tolist()[: len(expected)] == expected
 
 
@@ -188,8 +198,11 @@ def test_a_checkpoints_custom_generate_folder_cannot_replace_gated_generate(save
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     assert "custom_generate" in caplog.text
     processor_inputs = _inputs(__import__("safevlm_hf").SafeVLMProcessor.from_pretrained(folder))
-    out = model.generate(**processor_inputs, max_new_tokens=3, safety_policy={
-        "levels": {"0": "refuse", "1": "refuse", "2": "refuse", "3": "refuse"}})
+    out = model.generate(
+        **processor_inputs,
+        max_new_tokens=3,
+        safety_policy={"levels": {"0": "refuse", "1": "refuse", "2": "refuse", "3": "refuse"}},
+    )
     assert out.shape[1] > processor_inputs["input_ids"].shape[1]  # our gated generate ran, not the folder's
 
 
@@ -273,7 +286,8 @@ def test_conversion_is_reproducible_with_a_seed(tiny_llava_pair):
     llava, _ = tiny_llava_pair
     a, b, c = (SafeVLMForConditionalGeneration.from_llava(llava, num_safety_tokens=4, seed=s) for s in (7, 7, 8))
     for (name, x), (_, y), (_, z) in zip(
-        a.model.safety_head.state_dict().items(), b.model.safety_head.state_dict().items(),
+        a.model.safety_head.state_dict().items(),
+        b.model.safety_head.state_dict().items(),
         c.model.safety_head.state_dict().items(),
     ):
         assert torch.equal(x, y), name

@@ -30,8 +30,9 @@ SWEEP = [
 
 def _inputs(processor, texts=("What is in this picture?",)):
     prompts = [chat_prompt(processor, text) for text in texts]
-    return processor(images=[make_image(i) for i in range(len(texts))], text=prompts, return_tensors="pt",
-                     padding=True)
+    return processor(
+        images=[make_image(i) for i in range(len(texts))], text=prompts, return_tensors="pt", padding=True
+    )
 
 
 def _force(model, type_name: str, level: int, subcategory: str | None = None) -> None:
@@ -99,15 +100,23 @@ class Prefer(LogitsProcessor):
 def test_level_2_decide_lets_the_model_choose_and_records_its_choice(tiny_safevlm, choice):
     model, processor = tiny_safevlm
     _force(model, "Privacy", 2)
-    policy = {**model.config.safety_policy, **GUIDED, "levels": {"0": "answer", "1": "caution", "2": "decide",
-                                                                 "3": "refuse"}}
+    policy = {
+        **model.config.safety_policy,
+        **GUIDED,
+        "levels": {"0": "answer", "1": "caution", "2": "decide", "3": "refuse"},
+    }
     bound = model.safety_policy(policy)
-    leads = {name: _ids(processor, bound.lead(name, "Privacy", 2, "answer or reject")) for name in ("caution", "refuse")}
+    leads = {
+        name: _ids(processor, bound.lead(name, "Privacy", 2, "answer or reject")) for name in ("caution", "refuse")
+    }
     first = {name: lead[0] for name, lead in leads.items()}
     assert first["caution"] != first["refuse"]
     inputs = _inputs(processor)
     out = model.generate(
-        **inputs, max_new_tokens=30, safety_policy=policy, return_dict_in_generate=True,
+        **inputs,
+        max_new_tokens=30,
+        safety_policy=policy,
+        return_dict_in_generate=True,
         logits_processor=LogitsProcessorList([Prefer(first[choice])]),
     )
     verdict = out.safety_verdicts[0]
@@ -117,8 +126,9 @@ def test_level_2_decide_lets_the_model_choose_and_records_its_choice(tiny_safevl
     if choice == "refuse":
         assert processor.tokenizer.eos_token_id in generated[: len(leads["refuse"]) + 7]
     # In template mode a "decide" verdict is enforced as a refusal.
-    template = model.generate(**inputs, max_new_tokens=60, safety_policy={**policy, "response": "template"},
-                              return_dict_in_generate=True)
+    template = model.generate(
+        **inputs, max_new_tokens=60, safety_policy={**policy, "response": "template"}, return_dict_in_generate=True
+    )
     assert template.safety_verdicts[0].refused
     message = _ids(processor, template.safety_verdicts[0].message)
     assert template.sequences[0, inputs["input_ids"].shape[1] :].tolist()[: len(message)] == message
@@ -146,8 +156,13 @@ def test_a_sexual_content_rule_changes_that_sub_category_only(tiny_safevlm):
     assert {outcomes[SEXUAL, p] for p in ("default", "adult", "minor")} == {"refuse"}
     # A custom rule on the sub-category moves it alone.
     strict_adults = {**model.config.safety_policy}
-    strict_adults["profiles"] = {**strict_adults["profiles"], "adult_eu_pegi": {
-        **strict_adults["profiles"]["adult_eu_pegi"], "types": {SEXUAL: {"1": "refuse", "2": "refuse"}}}}
+    strict_adults["profiles"] = {
+        **strict_adults["profiles"],
+        "adult_eu_pegi": {
+            **strict_adults["profiles"]["adult_eu_pegi"],
+            "types": {SEXUAL: {"1": "refuse", "2": "refuse"}},
+        },
+    }
     _force(model, "Illegal Risk", 2, SEXUAL)
     assert model.assess(**inputs, safety_profile="adult_eu_pegi", safety_policy=strict_adults)[0].action == "refuse"
     _force(model, "Politics", 2, SEXUAL)  # a sub-category outside the predicted type does not count
@@ -167,8 +182,9 @@ def test_the_head_learns_sub_categories_from_rows_that_have_them(tiny_safevlm):
     torch.manual_seed(0)
     model.train()
     for _ in range(60):
-        loss = model(**inputs, safety_type_labels=types, safety_level_labels=levels,
-                     safety_subcategory_labels=subs).safety_loss
+        loss = model(
+            **inputs, safety_type_labels=types, safety_level_labels=levels, safety_subcategory_labels=subs
+        ).safety_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -187,14 +203,24 @@ OLD_DEFAULT_POLICY = {  # the default policy as published before sub-categories 
         "default": {"description": "General audience."},
         "adult": {"description": "Verified adults.", "levels": {"2": "caution"}},
         "minor": {"description": "Under 18.", "levels": {"1": "refuse", "2": "refuse"}},
-        "adult_eu_pegi": {"description": "PEGI 18.", "extends": "adult", "region": "EU",
-                          "types": {"Illegal Risk": {"1": "caution", "2": "caution"}}},
-        "minor_eu_pegi": {"description": "Minors, PEGI.", "extends": "minor", "region": "EU",
-                          "types": {"Misleading": {"1": "refuse"}}},
+        "adult_eu_pegi": {
+            "description": "PEGI 18.",
+            "extends": "adult",
+            "region": "EU",
+            "types": {"Illegal Risk": {"1": "caution", "2": "caution"}},
+        },
+        "minor_eu_pegi": {
+            "description": "Minors, PEGI.",
+            "extends": "minor",
+            "region": "EU",
+            "types": {"Misleading": {"1": "refuse"}},
+        },
     },
     "messages": {
-        "refuse": {"default": "I'm sorry, but I can't help with this request. {reason} (Risk: {category}, level "
-                              "{level} - {level_name}.)"},
+        "refuse": {
+            "default": "I'm sorry, but I can't help with this request. {reason} (Risk: {category}, level "
+            "{level} - {level_name}.)"
+        },
         "caution": {"default": "Note: {reason} I will answer carefully and leave out anything harmful. "},
         "reasons": {"Privacy": "It involves someone's personal or private information."},
     },
@@ -207,6 +233,10 @@ def test_an_old_policy_loads_unchanged_and_resolves_as_before():
     assert policy.to_dict()["types"] == OLD_DEFAULT_POLICY["types"]
     # As published: the PEGI profile relaxes all of "Illegal Risk" (the new default narrows that to sexual content).
     assert [policy.action("Illegal Risk", level, "adult_eu_pegi") for level in range(4)] == [
-        "answer", "caution", "caution", "refuse"]
+        "answer",
+        "caution",
+        "caution",
+        "refuse",
+    ]
     assert policy.action("Illegal Risk", 2, "adult_eu_pegi", SEXUAL) == "caution"  # no sub rule: the type's rule
     assert [policy.action("Privacy", level, "minor") for level in range(4)] == ["answer", "refuse", "refuse", "refuse"]

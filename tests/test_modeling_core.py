@@ -183,8 +183,11 @@ def test_image_token_count_mismatch_names_the_fix(tiny_safevlm, tiny_llava_pair,
     model, processor = tiny_safevlm
     _, llava_processor = tiny_llava_pair
     plain = llava_processor(images=images[:1], text=[chat_prompt(llava_processor, "hi")], return_tensors="pt")
-    with pytest.raises(ValueError, match=r"Image features and image tokens do not match, tokens: 25, features: 29 \(1 image\(s\), 29 per image = "
-        r"image tokens \+ num_safety_tokens=4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Image features and image tokens do not match, tokens: 25, features: 29 \(1 image\(s\), 29 per image = "
+        r"image tokens \+ num_safety_tokens=4\)",
+    ):
         model(**plain)
     mismatched = SafeVLMProcessor.from_llava_processor(llava_processor, num_safety_tokens=8)
     with pytest.raises(ValueError, match="num_safety_tokens must equal config.num_safety_tokens"):

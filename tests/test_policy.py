@@ -33,13 +33,19 @@ def test_region_profile_relaxes_sexual_content_and_nothing_else_of_illegal_risk(
     assert policy.action("Illegal Risk", 3, "adult_eu_pegi", sexual) == "refuse"
     # crime, violence, drugs: the rest of "Illegal Risk" stays refused in the same profile
     assert [policy.action("Illegal Risk", lvl, "adult_eu_pegi") for lvl in range(4)] == [
-        "answer", "refuse", "refuse", "refuse"
+        "answer",
+        "refuse",
+        "refuse",
+        "refuse",
     ]
     assert policy.action("Politics", 2, "adult_eu_pegi") == "caution"  # inherited from "adult"
     # sexual content is strict in every other profile
     for profile in ("default", "adult", "minor", "minor_eu_pegi"):
         assert [policy.action("Illegal Risk", lvl, profile, sexual) for lvl in range(4)] == [
-            "answer", "refuse", "refuse", "refuse"
+            "answer",
+            "refuse",
+            "refuse",
+            "refuse",
         ], profile
 
 

@@ -113,8 +113,9 @@ def test_a_caution_prefix_is_prefilled_in_one_pass_and_decoding_matches_the_gate
     calls.close()
     gated = model.generate(**inputs, max_new_tokens=50, safety_policy=CAUTION_ALL, **_gate_only())
     assert torch.equal(fast, gated)  # token for token under greedy decoding
-    prefix = processor.tokenizer.encode(model.assess(**inputs, safety_policy=CAUTION_ALL)[0].message,
-                                        add_special_tokens=False)
+    prefix = processor.tokenizer.encode(
+        model.assess(**inputs, safety_policy=CAUTION_ALL)[0].message, add_special_tokens=False
+    )
     # One prefill that already holds the prefix, then one-token steps: no step per prefix token.
     assert calls.calls[0][1] >= inputs["input_ids"].shape[1] + len(prefix)
     assert all(length == 1 for _, length in calls.calls[1:])
@@ -132,7 +133,9 @@ def test_return_dict_scores_carry_the_forced_distribution_for_refused_rows(tiny_
     for step, scores in enumerate(out.scores):
         assert scores.shape == (2, model.config.text_config.vocab_size)
         assert torch.equal(scores.argmax(-1), generated[:, step])
-        assert bool((scores.max(-1).values == 0).all()) and bool(torch.isinf(scores).sum(-1).eq(scores.shape[1] - 1).all())
+        assert bool((scores.max(-1).values == 0).all()) and bool(
+            torch.isinf(scores).sum(-1).eq(scores.shape[1] - 1).all()
+        )
     assert [v.action for v in out.safety_verdicts] == ["refuse", "refuse"]
 
 
@@ -180,11 +183,14 @@ def test_stopping_criteria_apply_to_the_rows_that_run_and_refusals_stay_whole(ti
     _level(model, 0)
     policy = {"levels": {"0": "answer", "1": "answer", "2": "answer", "3": "refuse"}}
     stop = StopAfter(3)
-    answered = model.generate(**inputs, max_new_tokens=20, safety_policy=policy,
-                              stopping_criteria=StoppingCriteriaList([stop]))
+    answered = model.generate(
+        **inputs, max_new_tokens=20, safety_policy=policy, stopping_criteria=StoppingCriteriaList([stop])
+    )
     assert answered.shape[1] - inputs["input_ids"].shape[1] == 3 and stop.calls == 3
-    refused = model.generate(**inputs, max_new_tokens=60, safety_policy=REFUSE_ALL,
-                             stopping_criteria=StoppingCriteriaList([StopAfter(3)]))
-    message = processor.tokenizer.encode(model.assess(**inputs, safety_policy=REFUSE_ALL)[0].message,
-                                         add_special_tokens=False)
+    refused = model.generate(
+        **inputs, max_new_tokens=60, safety_policy=REFUSE_ALL, stopping_criteria=StoppingCriteriaList([StopAfter(3)])
+    )
+    message = processor.tokenizer.encode(
+        model.assess(**inputs, safety_policy=REFUSE_ALL)[0].message, add_special_tokens=False
+    )
     assert refused[0, inputs["input_ids"].shape[1] :].tolist()[: len(message)] == message

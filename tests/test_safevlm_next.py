@@ -88,9 +88,13 @@ def test_each_image_gets_its_anyres_tokens_then_set_1_whatever_its_size(safevlm_
     model, processor = safevlm_next
     plain = processor.__class__.__mro__[2]  # LlavaNextProcessor, the family's own token count
     base_processor = plain(
-        image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
-        vision_feature_select_strategy=processor.vision_feature_select_strategy, chat_template=processor.chat_template,
-        image_token=processor.image_token, num_additional_image_tokens=processor.num_additional_image_tokens,
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
     )
     inputs = _inputs(processor)
     base_inputs = _inputs(base_processor)
@@ -148,7 +152,8 @@ def test_verdicts_do_not_depend_on_padding_or_batch_mates(safevlm_next):
 
 
 @pytest.mark.parametrize(
-    "mode", [{}, {"do_sample": True, "temperature": 1.4}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}]
+    "mode",
+    [{}, {"do_sample": True, "temperature": 1.4}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}],
 )
 def test_refusals_are_exact_in_every_decoding_mode(safevlm_next, mode):
     model, processor = safevlm_next
@@ -207,7 +212,10 @@ def test_remote_code_loads_without_the_package_and_gates_identically(next_pair, 
     processor.save_pretrained(tmp_path / "ckpt")
     run = subprocess.run(
         [sys.executable, "-c", REMOTE, str(tmp_path / "ckpt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")

@@ -240,7 +240,11 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     answer_rate = _rate(r["verdict"]["action"] != "refuse" for r in records_safe)
 
     guided = remote_gating(
-        checkpoint, test_path, levels=(3,), max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+        checkpoint,
+        test_path,
+        levels=(3,),
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
         response="guided",
     )
     policy = model.safety_policy()

@@ -130,9 +130,7 @@ def condition_on_policy(
     policy = SafetyPolicy.coerce(policy, safety_types, len(safety_levels), safety_levels, subcategories)
     profile = policy.check_profile(profile)  # an unknown profile fails here, listing the known ones
     response = policy.check_response(response)
-    return dataset.map_examples(
-        lambda e: condition_example(e, policy, safety_types, safety_levels, profile, response)
-    )
+    return dataset.map_examples(lambda e: condition_example(e, policy, safety_types, safety_levels, profile, response))
 
 
 __all__ = ["condition_example", "condition_on_policy", "policy_action"]
