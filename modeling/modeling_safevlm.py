@@ -1512,7 +1512,7 @@ class SafeVLMGenerationMixin:
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
                 max_length=None,
-                min_length=0,
+                min_length=None,  # min_new_tokens rules; a min_length beside it only makes transformers warn
                 num_return_sequences=expand,
                 return_dict_in_generate=bool(return_dict),
                 output_scores=want_scores,
