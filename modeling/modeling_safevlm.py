@@ -1278,6 +1278,8 @@ class SafeVLMGenerationMixin:
     def _resolve_safety_tokenizer(self, tokenizer: Any = None) -> Any:
         if tokenizer is not None:
             return tokenizer
+        # Kept on purpose: a drop-in `model.generate(**inputs)` and transformers' pipelines pass no tokenizer, and
+        # gating must still encode its messages; callers holding a processor can pass or set it instead.
         if self._safety_tokenizer is None:
             source = getattr(self, "name_or_path", None) or self.config._name_or_path
             if source:
