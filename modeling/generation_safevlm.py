@@ -149,18 +149,24 @@ def run_rows(
     prompts = real_tokens(input_ids, attention_mask)
     results: list[RowResult | None] = [None] * (len(plans) * expand)
     outputs: list[Any] = []
-    for row, plan in enumerate(plans):
-        if plan.runs_llm:
-            continue
-        tokens = plan.output[:max_new_tokens]
+
+    def forced_steps(tokens: Sequence[int]) -> list[torch.Tensor]:
+        return [forced_scores(token, vocab_size, device) for token in tokens] if layout.wants_steps else []
+
+    def write_fixed(row: int, tokens: list[int]) -> None:
+        """A row whose whole answer is known without the LLM (a template refusal, or a lead filling the budget)."""
         if streamer is not None:
             streamer.put(input_ids.cpu())
-            for token in tokens:
-                streamer.put(torch.tensor([token]))
+            if tokens:
+                streamer.put(torch.tensor(tokens))
             streamer.end()
-        steps = [forced_scores(token, vocab_size, device) for token in tokens] if layout.wants_steps else []
+        steps = forced_steps(tokens)
         for copy_ in range(expand):
             results[row * expand + copy_] = RowResult(list(tokens), list(steps), list(steps))
+
+    for row, plan in enumerate(plans):
+        if not plan.runs_llm:
+            write_fixed(row, plan.output[:max_new_tokens])
 
     groups: dict[int, list[int]] = {}
     for row, plan in enumerate(plans):
@@ -170,14 +176,7 @@ def run_rows(
         budget = max_new_tokens - lead_length
         if budget <= 0:  # the lead alone fills the answer
             for row in rows:
-                lead = plans[row].lead[:max_new_tokens]
-                if streamer is not None:
-                    streamer.put(input_ids.cpu())
-                    streamer.put(torch.tensor(lead))
-                    streamer.end()
-                steps = [forced_scores(t, vocab_size, device) for t in lead] if layout.wants_steps else []
-                for copy_ in range(expand):
-                    results[row * expand + copy_] = RowResult(list(lead), list(steps), list(steps))
+                write_fixed(row, plans[row].lead[:max_new_tokens])
             continue
         sub_prompts = [prompts[row] + plans[row].context + plans[row].lead for row in rows]
         sub_ids, sub_mask = left_pad(sub_prompts, pad_token_id, device)
@@ -202,7 +201,7 @@ def run_rows(
         decoded = sequences[:, sub_ids.shape[1] :]
         for index, row in enumerate(rows):
             lead = plans[row].lead
-            lead_steps = [forced_scores(t, vocab_size, device) for t in lead] if layout.wants_steps else []
+            lead_steps = forced_steps(lead)
             for copy_ in range(expand):
                 position = index * expand + copy_
                 tokens = _until_end(decoded[position].tolist(), layout.eos_token_id, pad_token_id)
