@@ -19,11 +19,22 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from .modeling.configuration_safevlm import SafeVLMConfig, SafeVLMNextConfig
+
+
+SAFEVLM_MODEL_TYPES: frozenset[str] = frozenset({SafeVLMConfig.model_type, SafeVLMNextConfig.model_type})
+"""``config.model_type`` of every SafeVLM family (LLaVA-1.5 and LLaVA-NeXT)."""
+
+
+def is_safevlm_config(config: Any) -> bool:
+    """True for the config of a SafeVLM of any family (also one loaded as remote code)."""
+    return getattr(config, "model_type", None) in SAFEVLM_MODEL_TYPES
+
 
 def is_safevlm(model: Any) -> bool:
-    """True for a SafeVLM (a safety head, ``assess``/``predict_safety`` and gating in ``generate``), also when
-    wrapped by PEFT or loaded as remote code: its config says so."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "safevlm"
+    """True for a SafeVLM of any family (a safety head, ``assess``/``predict_safety`` and gating in ``generate``),
+    also when wrapped by PEFT or loaded as remote code: its config says so."""
+    return is_safevlm_config(getattr(model, "config", None))
 
 
 def chat_text(processor: Any, prompt: str, has_image: bool) -> str:
@@ -94,4 +105,13 @@ def decode_responses(processor: Any, tokens: torch.Tensor) -> list[str]:
     return [text.strip() for text in processor.batch_decode(tokens, skip_special_tokens=True)]
 
 
-__all__ = ["chat_text", "decode_responses", "encode_items", "encode_prompts", "is_safevlm", "item_image"]
+__all__ = [
+    "SAFEVLM_MODEL_TYPES",
+    "chat_text",
+    "decode_responses",
+    "encode_items",
+    "encode_prompts",
+    "is_safevlm",
+    "is_safevlm_config",
+    "item_image",
+]

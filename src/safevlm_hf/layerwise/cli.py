@@ -268,12 +268,13 @@ def _check_model(path: str, args: argparse.Namespace) -> bool:
 
     import safevlm_hf  # noqa: F401  (registers SafeVLM with the Auto classes)
 
+    from ..prompting import is_safevlm_config
     from .early_exit import early_exit_class, resolve_layers
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     family = early_exit_class(config)
     resolve_layers(args.layers, family.encoder_depth(config))
-    return config.model_type == "safevlm"
+    return is_safevlm_config(config)
 
 
 def run_icet(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from ..checkpoints import CheckpointFileError, check_safetensors_files
 from ..cli_support import EXIT_OK, fail
+from ..prompting import is_safevlm_config
 
 
 logger = logging.get_logger(__name__)
@@ -34,18 +35,34 @@ def _checked_weights(model: str) -> str:
     return model
 
 
+def _safevlm_classes(model_type: str) -> tuple[type, type] | None:
+    """(model class, processor class) of the SafeVLM family for a base (``llava``, ``llava_next``) or SafeVLM
+    (``safevlm``, ``safevlm_next``) ``model_type``; ``None`` for any other."""
+    from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration, SafeVLMNextForConditionalGeneration
+    from ..modeling.processing_safevlm import SafeVLMNextProcessor, SafeVLMProcessor
+
+    families = {
+        ("llava", "safevlm"): (SafeVLMForConditionalGeneration, SafeVLMProcessor),
+        ("llava_next", "safevlm_next"): (SafeVLMNextForConditionalGeneration, SafeVLMNextProcessor),
+    }
+    return next((classes for types, classes in families.items() if model_type in types), None)
+
+
 # --------------------------------------------------------------------------------------------------------- convert
 def _add_convert_parser(subparsers) -> None:
     # argparse option blocks repeat in shape across sub-commands, not in content: each documents its own options.
     parser = subparsers.add_parser(
         "convert",
-        help="Convert a LLaVA checkpoint folder into a SafeVLM checkpoint (fresh safety modules).",
+        help="Convert a LLaVA or LLaVA-NeXT checkpoint folder into a SafeVLM checkpoint (fresh safety modules).",
         description=(
-            "Turn a LLaVA checkpoint (LlavaForConditionalGeneration + its processor) into a SafeVLM checkpoint: every "
-            "base weight is copied unchanged and the safety modules are newly initialized, ready for Stage I."
+            "Turn a LLaVA-1.5 or LLaVA-NeXT checkpoint (the model + its processor) into a SafeVLM checkpoint of the "
+            "same family: every base weight is copied unchanged and the safety modules are newly initialized, ready "
+            "for Stage I."
         ),
     )
-    parser.add_argument("--model", required=True, help="LLaVA checkpoint folder (or a Hub id already cached).")
+    parser.add_argument(
+        "--model", required=True, help="LLaVA or LLaVA-NeXT checkpoint folder (or a Hub id already cached)."
+    )
     parser.add_argument("--out", required=True, help="Folder to write the SafeVLM checkpoint to.")
     parser.add_argument(
         "--num-safety-tokens", type=int, default=64, help="Size of each safety-token set (default: 64)."
@@ -66,11 +83,9 @@ def _add_convert_parser(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Convert ``args.model`` (LLaVA) into a SafeVLM checkpoint in ``args.out``; returns an exit code."""
+    """Convert ``args.model`` (LLaVA-1.5 or LLaVA-NeXT) into a SafeVLM checkpoint in ``args.out``; returns an exit
+    code."""
     from transformers import AutoConfig
-
-    from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
-    from ..modeling.processing_safevlm import SafeVLMProcessor
 
     if args.num_safety_tokens < 1:
         return fail("convert", f"--num-safety-tokens must be >= 1, got {args.num_safety_tokens}.")
@@ -78,17 +93,21 @@ def run_convert(args: argparse.Namespace) -> int:
         config = AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError, RecursionError) as err:
         return fail("convert", f"cannot read a model config from {args.model!r}: {err}")
-    if config.model_type == "safevlm":
+    if is_safevlm_config(config):
         return fail("convert", f"{args.model} is already a SafeVLM checkpoint; train it with `safevlm train`.")
-    if config.model_type != "llava":
+    classes = _safevlm_classes(config.model_type)
+    if classes is None:
         return fail(
-            "convert", f"{args.model} is a {config.model_type!r} model; `safevlm convert` takes a LLaVA checkpoint."
+            "convert",
+            f"{args.model} is a {config.model_type!r} model; `safevlm convert` takes a LLaVA (llava) or LLaVA-NeXT "
+            "(llava_next) checkpoint.",
         )
+    model_class, processor_class = classes
     overrides = {"num_safety_tokens": args.num_safety_tokens}
     if args.safety_feature_layer is not None:
         overrides["safety_feature_layer"] = args.safety_feature_layer
     try:
-        processor = SafeVLMProcessor.from_llava_processor(args.model, num_safety_tokens=args.num_safety_tokens)
+        processor = processor_class.from_llava_processor(args.model, num_safety_tokens=args.num_safety_tokens)
     except (OSError, ValueError) as err:
         return fail(
             "convert", f"cannot load the LLaVA processor (tokenizer + image processor) from {args.model!r}: {err}"
@@ -100,7 +119,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.seed is None:
         print(f"Initializing the safety modules with seed {seed} (pass --seed {seed} to reproduce this conversion).")
     try:
-        model = SafeVLMForConditionalGeneration.from_llava(_checked_weights(args.model), seed=seed, **overrides)
+        model = model_class.from_llava(_checked_weights(args.model), seed=seed, **overrides)
     except (CheckpointFileError, SafetensorError) as err:
         return fail("convert", f"cannot load the LLaVA weights from {args.model!r}: {err}")
     out = Path(args.out)
@@ -316,9 +335,7 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from ..data import SafetyDataError, load_safety_dataset
-    from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
     from ..modeling.policy_safevlm import SafetyPolicyError
-    from ..modeling.processing_safevlm import SafeVLMProcessor
     from .stages import merge_stage2, unwrap_safevlm
     from .trainer import SafeVLMTrainer
 
@@ -335,21 +352,22 @@ def run_train(args: argparse.Namespace) -> int:
         model_config = AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError, RecursionError) as err:
         return fail("train", f"cannot read a model config from {args.model!r}: {err}")
-    if model_config.model_type != "safevlm":
+    if not is_safevlm_config(model_config):
         return fail(
             "train",
-            f"{args.model} is a {model_config.model_type!r} checkpoint, not SafeVLM; convert it first: "
-            f"safevlm convert --model {args.model} --out SAFEVLM_DIR",
+            f"{args.model} is a {model_config.model_type!r} checkpoint, not SafeVLM; convert it first (LLaVA or "
+            f"LLaVA-NeXT): safevlm convert --model {args.model} --out SAFEVLM_DIR",
         )
+    model_class, processor_class = _safevlm_classes(model_config.model_type)
     try:
-        processor = SafeVLMProcessor.from_pretrained(args.model)
+        processor = processor_class.from_pretrained(args.model)
     except (OSError, ValueError) as err:
         return fail(
             "train", f"cannot load the SafeVLM processor (tokenizer + image processor) from {args.model!r}: {err}"
         )
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        model = SafeVLMForConditionalGeneration.from_pretrained(_checked_weights(args.model), dtype=dtype)
+        model = model_class.from_pretrained(_checked_weights(args.model), dtype=dtype)
     except (CheckpointFileError, SafetensorError) as err:
         return fail("train", f"cannot load the SafeVLM weights from {args.model!r}: {err}")
 
@@ -403,7 +421,7 @@ def run_train(args: argparse.Namespace) -> int:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-            base = SafeVLMForConditionalGeneration.from_pretrained(args.model)
+            base = model_class.from_pretrained(args.model)
             merged = merge_stage2(PeftModel.from_pretrained(base, out / "adapter"))
             # The base was reloaded from --model: carry over the stages recorded by this run's trainer.
             merged.config.safety_training_stages = unwrap_safevlm(export).config.safety_training_stages

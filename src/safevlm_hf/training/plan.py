@@ -81,7 +81,10 @@ def plan_config(model: str | os.PathLike, num_safety_tokens: int | None = None):
     if config.model_type == "safevlm":
         return config if not overrides else SafeVLMConfig.from_llava_config(config, **overrides)
     if config.model_type != "llava":
-        raise ValueError(f"{model} holds a {config.model_type!r} config; safevlm plan takes LLaVA or SafeVLM.")
+        raise ValueError(
+            f"{model} holds a {config.model_type!r} config; safevlm plan takes LLaVA-1.5 or SafeVLM on LLaVA-1.5 "
+            "(its activation estimate counts a fixed image_seq_length per image; LLaVA-NeXT's anyres count varies)."
+        )
     return SafeVLMConfig.from_llava_config(config, **overrides)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
+from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration, SafeVLMGenerationMixin
 
 
 SAFETY_PARAMETER_PREFIXES: tuple[str, ...] = ("model.safety_projector.", "model.safety_tokens.", "model.safety_head.")
@@ -30,12 +30,12 @@ LLM_INPUT_EMBEDDINGS = "model.language_model.embed_tokens."
 
 
 def unwrap_safevlm(model: nn.Module) -> SafeVLMForConditionalGeneration:
-    """The `SafeVLMForConditionalGeneration` inside ``model`` (itself, or the base model of a PEFT model)."""
+    """The SafeVLM (any family) inside ``model``: itself, or the base model of a PEFT model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, SafeVLMForConditionalGeneration):
+    if not isinstance(base, SafeVLMGenerationMixin):
         raise TypeError(
-            f"SafeVLM training needs a SafeVLMForConditionalGeneration, got {type(base).__name__}. Convert a LLaVA "
-            "model first (SafeVLMForConditionalGeneration.from_llava or `safevlm convert`)."
+            f"SafeVLM training needs a SafeVLMForConditionalGeneration or SafeVLMNextForConditionalGeneration, got "
+            f"{type(base).__name__}. Convert a LLaVA / LLaVA-NeXT model first (`from_llava` or `safevlm convert`)."
         )
     return base
 
