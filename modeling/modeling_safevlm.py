@@ -274,6 +274,11 @@ class SafeVLMSafetyTokens(nn.Module):
         self.llm_tokens = nn.Parameter(torch.empty(shape))  # set 1: into the LLM beside each image's tokens
         self.head_tokens = nn.Parameter(torch.empty(shape))  # set 2: joined to the safety projector's output
 
+    def forward(self, which: str) -> torch.Tensor:
+        """Set ``"llm"`` (1) or ``"head"`` (2). Read through a call, not as attributes, so that module hooks see the
+        read (accelerate's offloading loads a module's weights only when it is called)."""
+        return self.llm_tokens if which == "llm" else self.head_tokens
+
 
 def eager_attention_forward(
     module: nn.Module,
@@ -543,7 +548,7 @@ class SafeVLMModelMixin:
 
     def _with_safety(self, outputs: BaseModelOutputWithPooling, safety_features: list[torch.Tensor]):
         """The base model's image output with set 1 after each image's LLM features and the safety features beside."""
-        set_1 = self.safety_tokens.llm_tokens
+        set_1 = self.safety_tokens("llm")
         llm_features = [torch.cat([features, set_1.to(features.dtype)], dim=0) for features in outputs.pooler_output]
         return SafeVLMImageOutputs(
             **{**outputs, "pooler_output": llm_features},
@@ -612,7 +617,7 @@ class SafeVLMModelMixin:
         `cached` holds the images of a cached prefix (their placeholders come first in the row); the remaining
         placeholders are filled, in order, by `image_outputs`.
         """
-        head_tokens = self.safety_tokens.head_tokens.to(dtype)
+        head_tokens = self.safety_tokens("head").to(dtype)
         device = head_tokens.device
         remaining = placeholder_mask.sum(dim=1).tolist()
         rows: list[list[torch.Tensor]] = [[head_tokens] for _ in remaining]

@@ -225,6 +225,35 @@ def test_full_llm_training_keeps_vision_and_projector_frozen_and_checkpoints_the
         assert torch.equal(a, b), name
 
 
+def test_full_llm_training_of_a_safevlm_offloads_its_reference_and_keeps_what_the_head_reads(tiny_safevlm, tmp_path):
+    """Full mode on a SafeVLM: the offloaded reference still runs (its safety tokens are read through a module call,
+    which the offload hooks see), and the input embeddings stay frozen, as in Stage II, since the head reads them."""
+    model, processor = tiny_safevlm
+    model = copy.deepcopy(model)
+    inputs = encode_items(processor, training_items(2))
+    with torch.no_grad():
+        verdict_before = model.predict_safety(**inputs).level_probs
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+
+    def answer_length(prompts, responses, items):
+        return [float(len(response)) for response in responses]
+
+    trainer = LPPOTrainer(
+        model,
+        processor,
+        config(tmp_path, use_lora=False, max_steps=1, learning_rate=1e-3),
+        training_items(4),
+        answer_length,
+    )
+    trainer.train()
+    assert all(parameter.device.type == "meta" for parameter in trainer.reference.parameters())
+    llm = [(n, p) for n, p in model.named_parameters() if n.startswith("model.language_model.layers.")]
+    assert any(p.requires_grad for _, p in llm)
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict_safety(**inputs).level_probs, verdict_before, rtol=0, atol=0)
+
+
 def test_save_model_merges_the_adapters_into_a_loadable_checkpoint(peaked_llava, tmp_path):
     from transformers import AutoModelForImageTextToText
 

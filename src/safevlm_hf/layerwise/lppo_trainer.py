@@ -49,7 +49,13 @@ from transformers import LogitsProcessor, get_scheduler, set_seed
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..training.stages import apply_llm_lora, llm_lora_config, record_training_stage
+from ..training.stages import (
+    LLM_PREFIX,
+    apply_llm_lora,
+    freeze_for_full_stage2,
+    llm_lora_config,
+    record_training_stage,
+)
 from .early_exit import early_exit_for
 from ..prompting import decode_responses, encode_items, is_safevlm
 from .icet import generate_at_layer, resolve_layers, vision_encoder_depth
@@ -286,9 +292,12 @@ class LPPOTrainer:
         else:
             self.reference = self._frozen_reference(model)
             self.policy = model
-            for name, parameter in model.named_parameters():
-                if name.startswith(("model.language_model.", "lm_head.")):
-                    parameter.requires_grad_(True)
+            if self.is_safevlm:  # Stage II's rule: the input embeddings stay frozen, since the safety head reads them
+                freeze_for_full_stage2(model)
+            else:
+                for name, parameter in model.named_parameters():
+                    if name.startswith((LLM_PREFIX, "lm_head.")):
+                        parameter.requires_grad_(True)
         if config.activation_checkpointing:
             # On the model itself: PEFT's wrapper forwards the call, and the recompute runs only in train() mode, so
             # rollouts keep their KV cache.

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration, SafeVLMGenerationMixin
+from ..modeling.modeling_safevlm import SafeVLMForConditionalGeneration
+from ..prompting import is_safevlm
 
 
 SAFETY_PARAMETER_PREFIXES: tuple[str, ...] = ("model.safety_projector.", "model.safety_tokens.", "model.safety_head.")
@@ -30,9 +31,9 @@ LLM_INPUT_EMBEDDINGS = "model.language_model.embed_tokens."
 
 
 def unwrap_safevlm(model: nn.Module) -> SafeVLMForConditionalGeneration:
-    """The SafeVLM (any family) inside ``model``: itself, or the base model of a PEFT model."""
+    """The SafeVLM (any family, also loaded as remote code) inside ``model``: itself, or a PEFT model's base."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, SafeVLMGenerationMixin):
+    if not is_safevlm(base):
         raise TypeError(
             f"SafeVLM training needs a SafeVLMForConditionalGeneration or SafeVLMNextForConditionalGeneration, got "
             f"{type(base).__name__}. Convert a LLaVA / LLaVA-NeXT model first (`from_llava` or `safevlm convert`)."
