@@ -175,20 +175,17 @@ def run(args: argparse.Namespace) -> int:
             check_env_var_name(args.judge_api_key_env, "--judge-api-key-env")
         selections = []
         for spec in args.bench:
-            try:
-                selections.append(
-                    select_benchmark(
-                        spec,
-                        image_root=args.image_root,
-                        render_dir=render_dir,
-                        limit=args.limit,
-                        sample=args.sample,
-                        seed=args.seed,
-                        skip_missing_images=args.skip_missing_images,
-                    )
+            selections.append(
+                select_benchmark(
+                    spec,
+                    image_root=args.image_root,
+                    render_dir=render_dir,
+                    limit=args.limit,
+                    sample=args.sample,
+                    seed=args.seed,
+                    skip_missing_images=args.skip_missing_images,
                 )
-            except RecursionError:  # json gives up on a file nested deeper than Python's recursion limit
-                raise BenchmarkFormatError(f"{spec}: JSON nested too deeply to parse.") from None
+            )
         empty = [selection.spec for selection in selections if not selection.items]
         if empty:
             raise ValueError(f"no item left to evaluate in {empty} (all skipped or an empty file).")
