@@ -366,21 +366,18 @@ class HFJudge(Judge):
             prompt=item.prompt, response=item.response, categories=guard_categories_text()
         )
 
-    def _encode(self, texts: list[str], padding_side: str) -> dict[str, Any]:
-        previous = self.tokenizer.padding_side
-        self.tokenizer.padding_side = padding_side
-        try:
-            # A chat template already contains the BOS token; the plain prompt gets the tokenizer's usual specials.
-            batch = self.tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=not (self.use_chat_template and not self.is_classifier),
-            )
-        finally:
-            self.tokenizer.padding_side = previous
+    def _encode(self, texts: list[str], padding_side: str | None = None) -> dict[str, Any]:
+        """Tokenized ``texts`` on the model's device, padded on ``padding_side`` (default: the tokenizer's own)."""
+        # A chat template already contains the BOS token; the plain prompt gets the tokenizer's usual specials.
+        batch = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side=padding_side,
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=not (self.use_chat_template and not self.is_classifier),
+        )
         return {key: value.to(self.model.device) for key, value in batch.items()}
 
     def _judgement(self, positive: bool | None, probability: float | None, raw: str) -> Judgement:
@@ -406,7 +403,7 @@ class HFJudge(Judge):
         return judgements
 
     def _judge_classifier(self, texts: list[str]) -> list[Judgement]:
-        batch = self._encode(texts, self.tokenizer.padding_side)
+        batch = self._encode(texts)
         logits = self.model(**batch).logits.float()
         if self.model.config.problem_type == "multi_label_classification":
             probability = logits.sigmoid()[:, self._positive_indices].max(dim=-1).values

@@ -249,13 +249,7 @@ class LlamaGuard3Judge(Judge):
     def _inputs(self, chunk: list[JudgeInput]) -> dict[str, Any]:
         texts = [self.render(item) for item in chunk]
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
-        previous = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tokenizer.padding_side = previous
-        return dict(batch)
+        return dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False))
 
     def judge(self, items: Sequence[JudgeInput]) -> list[Judgement]:
         import torch
@@ -318,19 +312,14 @@ class LlamaGuard3VisionJudge(LlamaGuard3Judge):
         images = [open_image(item.image) for item in chunk if item.image is not None]
         if images and len(images) != len(chunk):
             raise JudgeError("A Llama Guard 3 Vision batch mixes items with and without an image; use batch_size=1.")
-        tokenizer = self.tokenizer.tokenizer
-        previous = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            batch = self.tokenizer(
-                images=[[image] for image in images] or None,
-                text=texts,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            )
-        finally:
-            tokenizer.padding_side = previous
+        batch = self.tokenizer(
+            images=[[image] for image in images] or None,
+            text=texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
         return dict(batch)
 
 
