@@ -19,7 +19,7 @@ from typing import Any
 
 from .safety_benchmarks import BenchmarkFormatError, select_benchmark
 from ..cli_support import fail
-from .judges import JudgeError, build_judge
+from .judges import MODEL_JUDGE_KINDS, JudgeError, build_judge, judge_kind
 from .judges.endpoint import NO_API_KEY
 from .redaction import check_env_var_name, redact_text
 
@@ -132,7 +132,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
 
 def _judge_kwargs(spec: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Constructor options of the judge built from ``spec`` (the CLI options that apply to its kind)."""
-    kind = spec.partition(":")[0].lower()
+    kind = judge_kind(spec)
     if kind == "openai":
         return {
             "base_url": args.judge_base_url,
@@ -142,7 +142,7 @@ def _judge_kwargs(spec: str, args: argparse.Namespace, out: Path) -> dict[str, A
             "max_retries": args.judge_retries,
             "show_progress": not args.no_progress,
         }
-    if kind in ("hf", "hf-refusal", "llama-guard-3", "llama-guard-3-vision"):
+    if kind in MODEL_JUDGE_KINDS:
         return {"device": None if args.device == "auto" else args.device}
     return {}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli_support import fail
-from .judges import REFUSAL, Judge, JudgeError, JudgeInput, build_judge
+from .judges import MODEL_JUDGE_KINDS, REFUSAL, Judge, JudgeError, JudgeInput, build_judge, judge_kind
 from .metrics import classification_report
 
 
@@ -201,8 +201,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``safevlm judge-check``; 0 on success, 2 on bad input."""
     try:
         examples = load_refusal_set(args.refusal_set)
-        kind = args.judge.partition(":")[0].lower()
-        options = {"device": args.device} if kind in ("hf", "hf-refusal") and args.device else {}
+        options = {"device": args.device} if judge_kind(args.judge) in MODEL_JUDGE_KINDS and args.device else {}
         judge = build_judge(args.judge, **options)
         result = measure_refusal_judge(judge, examples)
     except (OSError, ValueError, JudgeError) as err:
