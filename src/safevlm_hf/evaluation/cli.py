@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no item left to evaluate in {empty} (all skipped or an empty file).")
         labelled = None
         if args.head_data:
-            labelled = load_head_data(args.head_data, image_root=args.head_image_root)
+            labelled = load_head_data(args.head_data, image_root=args.head_image_root, render_dir=render_dir)
         policy = read_json_file(args.policy) if args.policy else None  # errors name the file and line
         judge = build_judge(args.judge, **_judge_kwargs(args.judge, args, out))
         refusal_judge = None
