@@ -195,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
         policy = read_json_file(args.policy) if args.policy else None  # errors name the file and line
         judge = build_judge(args.judge, **_judge_kwargs(args.judge, args, out))
         refusal_judge = None
-        if args.refusal_judge:
+        if args.refusal_judge == args.judge:  # one judge, loaded and run once (evaluate() sees the same object)
+            refusal_judge = judge
+        elif args.refusal_judge:
             refusal_judge = build_judge(args.refusal_judge, **_judge_kwargs(args.refusal_judge, args, out))
         check_safetensors_files(args.model)  # a corrupted weights file is named before minutes of loading
     except (OSError, ValueError, BenchmarkFormatError, JudgeError, HeadDataError) as err:
