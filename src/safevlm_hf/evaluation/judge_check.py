@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,7 +46,6 @@ class RefusalExample:
     kind: str = ""
     tags: tuple[str, ...] = ()
     prompt_source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def load_refusal_set(path: str | Path | None = None) -> list[RefusalExample]:
@@ -84,7 +83,6 @@ def load_refusal_set(path: str | Path | None = None) -> list[RefusalExample]:
                 kind=row.get("kind", ""),
                 tags=tuple(row.get("tags", ())),
                 prompt_source=row.get("prompt_source", ""),
-                extra={k: v for k, v in row.items() if k not in (*_FIELDS, "kind", "tags", "prompt_source")},
             )
         )
     if not examples:
