@@ -19,7 +19,7 @@ from typing import Any
 
 from .safety_benchmarks import BenchmarkFormatError, select_benchmark
 from ..cli_support import fail
-from .judges import JudgeError, build_judge
+from .judges import MODEL_JUDGE_KINDS, JudgeError, build_judge, judge_kind
 from .judges.endpoint import NO_API_KEY
 from .redaction import check_env_var_name, redact_text
 
@@ -132,7 +132,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
 
 def _judge_kwargs(spec: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Constructor options of the judge built from ``spec`` (the CLI options that apply to its kind)."""
-    kind = spec.partition(":")[0].lower()
+    kind = judge_kind(spec)
     if kind == "openai":
         return {
             "base_url": args.judge_base_url,
@@ -142,7 +142,7 @@ def _judge_kwargs(spec: str, args: argparse.Namespace, out: Path) -> dict[str, A
             "max_retries": args.judge_retries,
             "show_progress": not args.no_progress,
         }
-    if kind in ("hf", "hf-refusal", "llama-guard-3", "llama-guard-3-vision"):
+    if kind in MODEL_JUDGE_KINDS:
         return {"device": None if args.device == "auto" else args.device}
     return {}
 
@@ -175,30 +175,29 @@ def run(args: argparse.Namespace) -> int:
             check_env_var_name(args.judge_api_key_env, "--judge-api-key-env")
         selections = []
         for spec in args.bench:
-            try:
-                selections.append(
-                    select_benchmark(
-                        spec,
-                        image_root=args.image_root,
-                        render_dir=render_dir,
-                        limit=args.limit,
-                        sample=args.sample,
-                        seed=args.seed,
-                        skip_missing_images=args.skip_missing_images,
-                    )
+            selections.append(
+                select_benchmark(
+                    spec,
+                    image_root=args.image_root,
+                    render_dir=render_dir,
+                    limit=args.limit,
+                    sample=args.sample,
+                    seed=args.seed,
+                    skip_missing_images=args.skip_missing_images,
                 )
-            except RecursionError:  # json gives up on a file nested deeper than Python's recursion limit
-                raise BenchmarkFormatError(f"{spec}: JSON nested too deeply to parse.") from None
+            )
         empty = [selection.spec for selection in selections if not selection.items]
         if empty:
             raise ValueError(f"no item left to evaluate in {empty} (all skipped or an empty file).")
         labelled = None
         if args.head_data:
-            labelled = load_head_data(args.head_data, image_root=args.head_image_root)
+            labelled = load_head_data(args.head_data, image_root=args.head_image_root, render_dir=render_dir)
         policy = read_json_file(args.policy) if args.policy else None  # errors name the file and line
         judge = build_judge(args.judge, **_judge_kwargs(args.judge, args, out))
         refusal_judge = None
-        if args.refusal_judge:
+        if args.refusal_judge == args.judge:  # one judge, loaded and run once (evaluate() sees the same object)
+            refusal_judge = judge
+        elif args.refusal_judge:
             refusal_judge = build_judge(args.refusal_judge, **_judge_kwargs(args.refusal_judge, args, out))
         check_safetensors_files(args.model)  # a corrupted weights file is named before minutes of loading
     except (OSError, ValueError, BenchmarkFormatError, JudgeError, HeadDataError) as err:

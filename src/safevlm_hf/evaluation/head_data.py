@@ -17,26 +17,32 @@ import os
 from typing import Any
 
 from ..modeling.policy_safevlm import SAFE_TYPE
-from .safety_benchmarks import BENCHMARKS, BenchmarkFormatError, LabelledItem, load_benchmark, parse_benchmark_spec
+from .safety_benchmarks import (
+    BenchmarkFormatError,
+    LabelledItem,
+    benchmark_name,
+    load_benchmark,
+    parse_benchmark_spec,
+)
 
 
 class HeadDataError(ValueError):
     """``--head-data`` names a source that cannot give labelled prompts; the message says what to pass instead."""
 
 
-def _benchmark_name(spec: str) -> str | None:
-    prefix, sep, _ = spec.partition(":")
-    name = prefix.strip().lower().replace("-", "").replace("_", "")
-    return name if sep and name in BENCHMARKS else None
-
-
-def load_head_data(spec: str | os.PathLike, *, image_root: str | os.PathLike | None = None) -> list[Any]:
+def load_head_data(
+    spec: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    render_dir: str | os.PathLike | None = None,
+) -> list[Any]:
     """Labelled prompts from ``spec`` (see the module docstring): training examples or :class:`LabelledItem`s, as
-    :func:`~.runner.evaluate_head` takes them."""
+    :func:`~.runner.evaluate_head` takes them. ``render_dir`` is where a benchmark's typographic images are written
+    (default :func:`~.typography.default_render_dir`; ``safevlm eval`` passes its run's render folder)."""
     from ..data import SafetyDataError, load_safety_dataset
 
     text = os.fspath(spec)
-    name = _benchmark_name(text)
+    name = benchmark_name(text)
     try:
         if name is None:
             return list(load_safety_dataset(text, image_root=image_root).examples)
@@ -48,7 +54,7 @@ def load_head_data(spec: str | os.PathLike, *, image_root: str | os.PathLike | N
                     f"with its training labels (pass vlguard:{path})."
                 )
             return list(load_safety_dataset(f"vlguard:{path}", image_root=image_root).examples)
-        items = load_benchmark(text, image_root=image_root)
+        items = load_benchmark(text, image_root=image_root, render_dir=render_dir)
     except (SafetyDataError, BenchmarkFormatError, FileNotFoundError) as err:
         raise HeadDataError(f"--head-data {text!r}: {err}") from None
     labelled = []

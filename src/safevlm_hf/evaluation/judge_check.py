@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli_support import fail
-from .judges import REFUSAL, Judge, JudgeError, JudgeInput, build_judge
+from .judges import MODEL_JUDGE_KINDS, REFUSAL, Judge, JudgeError, JudgeInput, build_judge, judge_kind
 from .metrics import classification_report
 
 
@@ -46,7 +46,6 @@ class RefusalExample:
     kind: str = ""
     tags: tuple[str, ...] = ()
     prompt_source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def load_refusal_set(path: str | Path | None = None) -> list[RefusalExample]:
@@ -84,7 +83,6 @@ def load_refusal_set(path: str | Path | None = None) -> list[RefusalExample]:
                 kind=row.get("kind", ""),
                 tags=tuple(row.get("tags", ())),
                 prompt_source=row.get("prompt_source", ""),
-                extra={k: v for k, v in row.items() if k not in (*_FIELDS, "kind", "tags", "prompt_source")},
             )
         )
     if not examples:
@@ -201,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``safevlm judge-check``; 0 on success, 2 on bad input."""
     try:
         examples = load_refusal_set(args.refusal_set)
-        kind = args.judge.partition(":")[0].lower()
-        options = {"device": args.device} if kind in ("hf", "hf-refusal") and args.device else {}
+        options = {"device": args.device} if judge_kind(args.judge) in MODEL_JUDGE_KINDS and args.device else {}
         judge = build_judge(args.judge, **options)
         result = measure_refusal_judge(judge, examples)
     except (OSError, ValueError, JudgeError) as err:

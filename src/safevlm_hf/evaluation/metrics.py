@@ -232,8 +232,9 @@ def generation_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         return judgements[id(r)].get("unsafe") is True
 
     def unparsed(r: Mapping[str, Any]) -> bool:
+        """The main judge's answer could not be parsed; for a harm judge, an unknown ``unsafe`` counts too."""
         j = judgements[id(r)]
-        return not j.get("parsed", True) or j.get("unsafe") is None
+        return not j.get("parsed", True) or (harm_judged(r) and j.get("unsafe") is None)
 
     def refused_counts(rows: list[Mapping[str, Any]]) -> tuple[int, int]:
         known = [r for r in rows if r.get("refused") is not None]
@@ -245,11 +246,7 @@ def generation_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     refused_all, known_all = refused_counts(records)
     refused_risky, known_risky = refused_counts(risky)
     refused_safe, known_safe = refused_counts(safe)
-    unparseable = sum(
-        1
-        for r in records
-        if not judgements[id(r)].get("parsed", True) or (harm_judged(r) and judgements[id(r)].get("unsafe") is None)
-    )
+    unparseable = sum(1 for r in records if unparsed(r))
 
     scores: dict[str, list[float]] = {}
     for r in records:

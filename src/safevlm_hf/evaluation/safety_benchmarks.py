@@ -616,14 +616,22 @@ def load_mmsafetybench(
 
 
 # -------------------------------------------------------------------------------------------------------- specs
+def benchmark_name(spec: str) -> str | None:
+    """The benchmark (one of :data:`BENCHMARKS`) that ``spec`` names before its first colon, case, ``-`` and ``_``
+    ignored (``"MM-SafetyBench:DIR"`` -> ``"mmsafetybench"``); ``None`` when it has no colon or names none."""
+    prefix, sep, _ = spec.partition(":")
+    name = prefix.strip().lower().replace("-", "").replace("_", "")
+    return name if sep and name in BENCHMARKS else None
+
+
 def parse_benchmark_spec(spec: str) -> tuple[str, str, str | None]:
     """Split ``"name:PATH[:OPTION]"`` into (name, path, option). Paths may contain colons; the last part is an
     option only when it is one the benchmark knows."""
-    name, sep, rest = spec.partition(":")
-    name = name.strip().lower().replace("-", "").replace("_", "")
+    _, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ValueError(f"Benchmark spec {spec!r} must look like NAME:PATH (NAME one of {list(BENCHMARKS)}).")
-    if name not in BENCHMARKS:
+    name = benchmark_name(spec)
+    if name is None:
         raise ValueError(f"Unknown benchmark {spec.partition(':')[0]!r} in {spec!r}; known: {list(BENCHMARKS)}.")
     options = {
         "figstep": FIGSTEP_VARIANTS,
@@ -756,6 +764,7 @@ __all__ = [
     "MMSAFETYBENCH_SCENARIOS",
     "MMSAFETYBENCH_VARIANTS",
     "VLGUARD_SUBSETS",
+    "benchmark_name",
     "load_benchmark",
     "load_figstep",
     "load_mmsafetybench",

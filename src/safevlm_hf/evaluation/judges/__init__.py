@@ -62,6 +62,13 @@ JUDGE_SPECS: tuple[str, ...] = (
     "llama-guard-3-vision:MODEL",
     "openai:MODEL",
 )
+#: Kinds of the judges backed by a local model (their constructors take ``device=``).
+MODEL_JUDGE_KINDS: frozenset[str] = frozenset({"hf", "hf-refusal", "llama-guard-3", "llama-guard-3-vision"})
+
+
+def judge_kind(spec: str) -> str:
+    """The kind of a judge spec: its part before the first colon, lower case (``"hf"`` for ``"hf:MODEL"``)."""
+    return spec.partition(":")[0].strip().lower()
 
 
 def build_judge(spec: str, **kwargs: Any) -> Judge:
@@ -72,8 +79,7 @@ def build_judge(spec: str, **kwargs: Any) -> Judge:
     :meth:`LlamaGuard3Judge.from_pretrained`, :class:`OpenAIChatJudge`), e.g.
     ``build_judge("openai:gpt-4o", base_url=..., cache_dir=...)``.
     """
-    kind, _, target = spec.partition(":")
-    kind = kind.strip().lower()
+    kind, target = judge_kind(spec), spec.partition(":")[2]
     if kind in ("string", "string_match"):
         if not target:
             return StringMatchJudge(**kwargs)
@@ -105,6 +111,7 @@ __all__ = [
     "JUDGE_SYSTEM_PROMPT",
     "LLAMA_GUARD_3_CATEGORIES",
     "LLAMA_GUARD_3_VISION_CATEGORIES",
+    "MODEL_JUDGE_KINDS",
     "PUBLISHED_LEXICONS",
     "REFUSAL",
     "REFUSAL_PATTERNS",
@@ -125,6 +132,7 @@ __all__ = [
     "StringMatchJudge",
     "build_judge",
     "guard_categories_text",
+    "judge_kind",
     "normalize_text",
     "parse_guard_output",
     "parse_judge_reply",

@@ -9,7 +9,7 @@ SHA-256 of its weights.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..provenance import weights_fingerprint
 from ..taxonomy import RISK_TYPES
@@ -176,7 +176,51 @@ def word_probability(probs: Any, positive_ids: Sequence[int], negative_ids: Sequ
     return p_positive / max(p_positive + p_negative, 1e-30)
 
 
-class HFJudge(Judge):
+def positive_probabilities(
+    step_logits: Sequence[Any], tokenizer: Any, positive_ids: Sequence[int], negative_ids: Sequence[int]
+) -> list[float]:
+    """Per row, :func:`word_probability` of the positive word at the row's :func:`first_content_step`."""
+    rows = first_content_step(step_logits, tokenizer)
+    return [word_probability(logits.softmax(-1), positive_ids, negative_ids) for logits in rows]
+
+
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    batch: Mapping[str, Any],
+    max_new_tokens: int,
+    positive_ids: Sequence[int],
+    negative_ids: Sequence[int],
+) -> list[tuple[str, float]]:
+    """Per row of a left-padded ``batch``: the greedy answer (decoded, special tokens dropped) and the probability of
+    the positive word where the answer starts (:func:`positive_probabilities`)."""
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = tokenizer.batch_decode(output.sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    step_logits = [logits.float() for logits in output.logits]
+    return list(zip(texts, positive_probabilities(step_logits, tokenizer, positive_ids, negative_ids)))
+
+
+class LocalModelJudge(Judge):
+    """A judge backed by a local model (``self.model``); :meth:`weights` fingerprints it once."""
+
+    model: Any
+    _fingerprint: dict[str, Any] | None = None
+
+    def weights(self) -> dict[str, Any]:
+        """Revision and SHA-256 of the judge model's weights (files it was loaded from, else its state dict)."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+
+class HFJudge(LocalModelJudge):
     """A local Hugging Face model as judge: a causal LM or a sequence classifier, for harm or for refusal.
 
     Causal LM: each exchange is rendered with ``prompt_template`` (default :data:`GUARD_PROMPT_TEMPLATE` for
@@ -240,7 +284,6 @@ class HFJudge(Judge):
         self.batch_size = batch_size
         self.positive_word, self.negative_word = TASK_WORDS[task]
         self.is_classifier = type(model).__name__.endswith("ForSequenceClassification")
-        self._fingerprint: dict[str, Any] | None = None
         if self.tokenizer.pad_token_id is None:  # guard models often ship without one; batching needs it
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.is_classifier:
@@ -287,12 +330,6 @@ class HFJudge(Judge):
         return cls(model, tokenizer, model_id=model_id, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ description
-    def weights(self) -> dict[str, Any]:
-        """Revision and SHA-256 of the judge model's weights (files it was loaded from, else its state dict)."""
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
-
     def describe(self) -> dict[str, Any]:
         common = {
             "name": self.name,
@@ -366,21 +403,18 @@ class HFJudge(Judge):
             prompt=item.prompt, response=item.response, categories=guard_categories_text()
         )
 
-    def _encode(self, texts: list[str], padding_side: str) -> dict[str, Any]:
-        previous = self.tokenizer.padding_side
-        self.tokenizer.padding_side = padding_side
-        try:
-            # A chat template already contains the BOS token; the plain prompt gets the tokenizer's usual specials.
-            batch = self.tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=not (self.use_chat_template and not self.is_classifier),
-            )
-        finally:
-            self.tokenizer.padding_side = previous
+    def _encode(self, texts: list[str], padding_side: str | None = None) -> dict[str, Any]:
+        """Tokenized ``texts`` on the model's device, padded on ``padding_side`` (default: the tokenizer's own)."""
+        # A chat template already contains the BOS token; the plain prompt gets the tokenizer's usual specials.
+        batch = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side=padding_side,
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=not (self.use_chat_template and not self.is_classifier),
+        )
         return {key: value.to(self.model.device) for key, value in batch.items()}
 
     def _judgement(self, positive: bool | None, probability: float | None, raw: str) -> Judgement:
@@ -406,7 +440,7 @@ class HFJudge(Judge):
         return judgements
 
     def _judge_classifier(self, texts: list[str]) -> list[Judgement]:
-        batch = self._encode(texts, self.tokenizer.padding_side)
+        batch = self._encode(texts)
         logits = self.model(**batch).logits.float()
         if self.model.config.problem_type == "multi_label_classification":
             probability = logits.sigmoid()[:, self._positive_indices].max(dim=-1).values
@@ -423,30 +457,15 @@ class HFJudge(Judge):
         batch = self._encode(texts, "left")  # left padding: every row's next token sits at the last position
         if self.decision == "probability":
             step_logits = [self.model(**batch).logits[:, -1, :].float()]
-            generated = [""] * len(texts)
-        else:
-            output = self.model.generate(
-                **batch,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            step_logits = [logits.float() for logits in output.logits]
-            new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
-            generated = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        rows = first_content_step(step_logits, self.tokenizer)
-        judgements = []
-        for logits, text in zip(rows, generated):
-            p = word_probability(logits.softmax(-1), self._positive_ids, self._negative_ids)
-            if self.decision == "probability":
-                judgements.append(self._judgement(p >= self.threshold, p, ""))
-            else:
-                judgements.append(
-                    self._judgement(parse_verdict_word(text, self.positive_word, self.negative_word), p, text)
-                )
-        return judgements
+            probabilities = positive_probabilities(step_logits, self.tokenizer, self._positive_ids, self._negative_ids)
+            return [self._judgement(p >= self.threshold, p, "") for p in probabilities]
+        answers = greedy_answers(
+            self.model, self.tokenizer, batch, self.max_new_tokens, self._positive_ids, self._negative_ids
+        )
+        return [
+            self._judgement(parse_verdict_word(text, self.positive_word, self.negative_word), p, text)
+            for text, p in answers
+        ]
 
 
 __all__ = [
@@ -454,11 +473,14 @@ __all__ = [
     "GUARD_PROMPT_TEMPLATE",
     "REFUSAL_PROMPT_TEMPLATE",
     "HFJudge",
+    "LocalModelJudge",
     "first_content_step",
     "first_token_ids",
+    "greedy_answers",
     "guard_categories_text",
     "parse_guard_output",
     "parse_verdict_word",
+    "positive_probabilities",
     "verdict_token_ids",
     "word_probability",
 ]

@@ -26,9 +26,8 @@ from typing import Any, Mapping, Sequence
 
 from transformers.utils import logging
 
-from ..provenance import weights_fingerprint
-from .base import HARM, Judge, JudgeError, JudgeInput, Judgement
-from .hf import first_content_step, parse_guard_output, verdict_token_ids, word_probability
+from .base import HARM, JudgeError, JudgeInput, Judgement
+from .hf import LocalModelJudge, greedy_answers, parse_guard_output, verdict_token_ids
 
 
 logger = logging.get_logger(__name__)
@@ -108,7 +107,7 @@ def parse_llama_guard_output(
     return True, codes
 
 
-class LlamaGuard3Judge(Judge):
+class LlamaGuard3Judge(LocalModelJudge):
     """Llama Guard 3 (text) as a harm judge (see the module docstring).
 
     Args:
@@ -160,7 +159,6 @@ class LlamaGuard3Judge(Judge):
         if text_tokenizer.pad_token_id is None:
             text_tokenizer.pad_token = "<|eot_id|>"
         self._unsafe_ids, self._safe_ids = verdict_token_ids(text_tokenizer, "unsafe", "safe", self.model_id)
-        self._fingerprint: dict[str, Any] | None = None
         self.chat_template_matches = self._check_chat_template()
 
     @classmethod
@@ -220,12 +218,6 @@ class LlamaGuard3Judge(Judge):
         )
         return False
 
-    def weights(self) -> dict[str, Any]:
-        """Revision and SHA-256 of the judge model's weights (files it was loaded from, else its state dict)."""
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
-
     def describe(self) -> dict[str, Any]:
         probe = JudgeInput("{prompt}", "{response}", image="<image>" if self.vision else None)
         return {
@@ -249,13 +241,7 @@ class LlamaGuard3Judge(Judge):
     def _inputs(self, chunk: list[JudgeInput]) -> dict[str, Any]:
         texts = [self.render(item) for item in chunk]
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
-        previous = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tokenizer.padding_side = previous
-        return dict(batch)
+        return dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False))
 
     def judge(self, items: Sequence[JudgeInput]) -> list[Judgement]:
         import torch
@@ -269,25 +255,16 @@ class LlamaGuard3Judge(Judge):
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
             with torch.no_grad():
-                output = self.model.generate(
-                    **batch,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                    pad_token_id=tokenizer.pad_token_id,
+                answers = greedy_answers(
+                    self.model, tokenizer, batch, self.max_new_tokens, self._unsafe_ids, self._safe_ids
                 )
-            texts = tokenizer.batch_decode(
-                output.sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            rows = first_content_step([logits.float() for logits in output.logits], tokenizer)
-            for logits, text in zip(rows, texts):
+            for text, probability in answers:
                 unsafe, codes = parse_llama_guard_output(text, known)
                 judgements.append(
                     Judgement(
                         unsafe=unsafe,
                         refused=None,
-                        probability=word_probability(logits.softmax(-1), self._unsafe_ids, self._safe_ids),
+                        probability=probability,
                         raw=text,
                         parsed=unsafe is not None,
                         categories=codes,
@@ -318,19 +295,14 @@ class LlamaGuard3VisionJudge(LlamaGuard3Judge):
         images = [open_image(item.image) for item in chunk if item.image is not None]
         if images and len(images) != len(chunk):
             raise JudgeError("A Llama Guard 3 Vision batch mixes items with and without an image; use batch_size=1.")
-        tokenizer = self.tokenizer.tokenizer
-        previous = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            batch = self.tokenizer(
-                images=[[image] for image in images] or None,
-                text=texts,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            )
-        finally:
-            tokenizer.padding_side = previous
+        batch = self.tokenizer(
+            images=[[image] for image in images] or None,
+            text=texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
         return dict(batch)
 
 
