@@ -277,7 +277,12 @@ class SafeVLMSafetyTokens(nn.Module):
     def forward(self, which: str) -> torch.Tensor:
         """Set ``"llm"`` (1) or ``"head"`` (2). Read through a call, not as attributes, so that module hooks see the
         read (accelerate's offloading loads a module's weights only when it is called)."""
-        return self.llm_tokens if which == "llm" else self.head_tokens
+        if which not in ("llm", "head"):
+            raise ValueError(f"SafeVLMSafetyTokens: `which` must be 'llm' or 'head', got {which!r}.")
+        tokens = self.llm_tokens if which == "llm" else self.head_tokens
+        # Detached when grad is off: there a Parameter (or a view of it) still says requires_grad yet has no autograd
+        # node, which crashes forward hooks that hook gradients (torch's ModuleTracker, so FlopCounterMode).
+        return tokens if torch.is_grad_enabled() else tokens.detach()
 
 
 def eager_attention_forward(

@@ -268,3 +268,16 @@ def test_classify_only_path_runs_no_llm_and_no_llava_projector(tiny_safevlm, ima
     assert calls == {"llm": 0, "projector": 0, "vision": 2}
     torch.testing.assert_close(prediction.type_logits, model(**inputs).safety_type_logits)
     assert len(verdicts) == 2
+
+
+def test_no_grad_forward_runs_under_torch_flop_counter(tiny_safevlm, images):
+    # FlopCounterMode hooks every module's outputs for gradients; a module that returns a bare Parameter under
+    # no_grad crashes it (our benchmarks and users' profilers both run it).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, processor = tiny_safevlm
+    inputs = _inputs(processor, [chat_prompt(processor, "What is shown?")], images[:1])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(**inputs)
+    assert counter.get_total_flops() > 0
+    assert out.safety_level_logits.shape == (1, len(model.config.safety_levels))
