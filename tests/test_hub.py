@@ -133,6 +133,19 @@ def test_sharded_weights_upload_the_index_and_every_shard(_tiny_safevlm_pair, tm
         check_upload_folder(tmp_path)
 
 
+def test_each_shard_is_checked_once_however_many_tensors_it_holds(_tiny_safevlm_pair, tmp_path, monkeypatch):
+    model, processor = _tiny_safevlm_pair
+    save_checkpoint_with_card(model, processor, tmp_path, max_shard_size="400KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = set(weight_map.values())
+    assert len(weight_map) > 2 * len(shards)  # several tensors per shard, or the check below proves nothing
+    looked_at: list[str] = []
+    lstat = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda path: looked_at.append(Path(path).name) or lstat(path))
+    check_upload_folder(tmp_path)
+    assert {name: looked_at.count(name) for name in shards} == dict.fromkeys(shards, 1)
+
+
 @pytest.mark.parametrize(
     "remove, add, message",
     [

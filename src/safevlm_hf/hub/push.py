@@ -85,9 +85,18 @@ class _Folder:
         self.missing: list[str] = []
         self.problems: list[str] = []
         self._refused: set[str] = set()
+        # name -> its refusal: a name is checked once per plan, however often it is asked about (a weight index
+        # names the same few shards for thousands of tensors).
+        self._checked: dict[str, str | None] = {}
 
     def _refusal(self, name: str) -> str | None:
         """Why `name` is not a regular file inside the folder, `_ABSENT` if nothing is there, `None` if it is one."""
+        if name not in self._checked:
+            self._checked[name] = self._check(name)
+        return self._checked[name]
+
+    def _check(self, name: str) -> str | None:
+        """:meth:`_refusal` without the memo: looks at the file system, one component of `name` at a time."""
         if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             return "is not a path inside the folder (absolute, or with '..')"
         current = self.root
@@ -197,15 +206,17 @@ def _weight_files(folder: _Folder) -> list[str]:
         if not isinstance(weight_map, dict) or not weight_map:
             folder.problems.append(f"{SAFE_WEIGHTS_INDEX_NAME}: has no 'weight_map'.")
             return []
-        shards: list[str] = []
+        shards: set[str] = set()
         for tensor, shard in weight_map.items():
             entry = f"{SAFE_WEIGHTS_INDEX_NAME}: weight_map[{tensor!r}]"
             if not isinstance(shard, str):
                 folder.problems.append(f"{entry} = {shard!r} is not a file name.")
                 continue
+            # The folder looks at each shard once (its answer is remembered), so this loop touches the file system
+            # once per shard, not once per tensor; a refused shard is still reported under every tensor naming it.
             status = folder.status(shard, entry)
-            if status == "file" and shard not in shards:
-                shards.append(shard)
+            if status == "file":
+                shards.add(shard)
             elif status == "absent":
                 folder.missing.append(f"{shard} (listed in {SAFE_WEIGHTS_INDEX_NAME})")
         return [SAFE_WEIGHTS_INDEX_NAME, *sorted(shards)]
