@@ -20,7 +20,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from transformers.dynamic_module_utils import get_relative_imports
@@ -349,10 +349,25 @@ def _operations(folder: Path, files: list[str], repo_id: str) -> list[CommitOper
     return operations
 
 
+def _recheck_files(folder: Path, files: Sequence[str]) -> list[str]:
+    """`files` (what [`check_upload_folder`] returned earlier), sorted, once each is checked again to be a regular file
+    inside `folder`: cheap (no plan: nothing is read), and the folder may have changed since its check."""
+    view = _Folder(folder)
+    for name in files:
+        view.need(name, "in the list of files to upload")
+    if view.missing or view.problems:
+        lines = [f"{folder}: cannot upload the given files:"]
+        lines += [f"  - missing: {item}" for item in view.missing]
+        lines += [f"  - {item}" for item in view.problems]
+        raise CheckpointFolderError("\n".join(lines))
+    return sorted(dict.fromkeys(view.files))
+
+
 def push_to_hub(
     model_dir: str | os.PathLike,
     repo_id: str,
     *,
+    files: Sequence[str] | None = None,
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
@@ -367,11 +382,16 @@ def push_to_hub(
     `huggingface_hub.HfApi.create_commit` is used rather than `upload_folder` so that the commit holds exactly the
     checked list of files (no glob patterns) and the card can get the repo id without rewriting the user's folder.
 
+    Args:
+        files: the files to upload, as [`check_upload_folder`] returned them for `model_dir` (a [`PushCall`] holds
+            them), so that a folder already checked is not planned again; each is still checked to be a regular file
+            inside the folder. `None` (the default) checks the folder here.
+
     Returns:
         `huggingface_hub.CommitInfo`: `.oid` is the commit sha to pin as `revision=` when loading.
     """
     folder = Path(model_dir)
-    files = check_upload_folder(folder)
+    files = check_upload_folder(folder) if files is None else _recheck_files(folder, files)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model").repo_id
     if revision is not None and not revision.startswith("refs/pr/"):
@@ -402,6 +422,7 @@ class PushCall:
         return {
             "model_dir": self.model_dir,
             "repo_id": self.repo_id,
+            "files": list(self.files),  # already checked: push_to_hub does not plan the folder again
             "private": self.private,
             "revision": self.revision,
             "token": self.token,
