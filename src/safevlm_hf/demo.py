@@ -28,10 +28,11 @@ import torch
 
 from . import synthetic
 from .data import load_safety_json
-from .data.examples import NO_SUBCATEGORY
+from .data.examples import NO_SUBCATEGORY, load_image
 from .evaluation import evaluate_head
 from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration
 from .modeling.processing_safevlm import SafeVLMProcessor
+from .prompting import encode_prompts
 from .tiny import TinyLlavaSpec, build_tiny_llava
 from .training import SafeVLMTrainer, SafeVLMTrainingConfig, merge_stage2
 
@@ -127,20 +128,12 @@ def _names_reason(policy, record: dict[str, Any]) -> bool:
 
 def _assess(model, processor, examples: list[Any]) -> list[Any]:
     """Verdicts for held-out examples (first user turn + image), through the classify-only path."""
-    from PIL import Image
-
     verdicts = []
     for start in range(0, len(examples), 16):
         batch = examples[start : start + 16]
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.messages[0]["content"]}]}],
-                add_generation_prompt=True,
-            )
-            for e in batch
-        ]
-        images = [Image.open(e.image).convert("RGB") for e in batch]
-        verdicts += model.assess(**processor(images=images, text=texts, return_tensors="pt", padding=True))
+        prompts = [e.messages[0]["content"] for e in batch]
+        images = [None if e.image is None else load_image(e.image, e.location) for e in batch]
+        verdicts += model.assess(**encode_prompts(processor, prompts, images))
     return verdicts
 
 
