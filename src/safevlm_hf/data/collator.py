@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .examples import SafetyDataError
+from .examples import NO_SUBCATEGORY, SafetyDataError
 
 
 def chat_messages(messages: Sequence[Mapping[str, str]], image_turn: int | None) -> list[dict[str, Any]]:
@@ -187,7 +187,7 @@ class SafeVLMDataCollator:
         name = feature.get("safe_subcategory")
         if name is None:
             return self.ignore_index
-        if name == "none":
+        if name == NO_SUBCATEGORY:
             return 0
         if name not in self.subcategories:
             raise SafetyDataError(
