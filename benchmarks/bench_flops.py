@@ -15,6 +15,7 @@ from torch.utils import flop_counter
 
 from safevlm_hf import SafeVLMConfig, SafeVLMForConditionalGeneration
 from safevlm_hf.real_shapes import llava_15_config
+from safevlm_hf.training.plan import build_meta_model
 
 
 @dataclass(frozen=True)
@@ -271,8 +272,7 @@ def real_shape_overheads(num_safety_tokens: int = 64, text_tokens: int = 40) -> 
     results = {}
     for size in ("7b", "13b"):
         config = SafeVLMConfig.from_llava_config(llava_15_config(size), num_safety_tokens=num_safety_tokens)
-        with torch.device("meta"):
-            model = SafeVLMForConditionalGeneration(config)
+        model = build_meta_model(config)
         floors = analytic_floors(config, text_tokens, name=f"llava-1.5-{size}")
         parameters = parameter_overhead(model)
         results[f"llava-1.5-{size}"] = {

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from safevlm_hf import SafeVLMForConditionalGeneration, SafeVLMProcessor
+    from safevlm_hf.prompting import decode_responses, encode_prompts
     from safevlm_hf.training import freeze_for_stage1
     from safevlm_hf.training.plan import DecoderShape, activation_bytes
 
@@ -176,27 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     # 4. gated generate
     model.eval()
     image = Image.fromarray(np.random.RandomState(7).randint(0, 255, (336, 336, 3), dtype=np.uint8))
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-            add_generation_prompt=True,
-        )
-        for text in (HARMLESS, RISKY)
-    ]
-    inputs = processor(images=[image, image], text=prompts, return_tensors="pt", padding=True).to(device)
+    # Left-padded, as the evaluation suite encodes prompts for generation.
+    inputs = encode_prompts(processor, [HARMLESS, RISKY], [image, image], device)
     with torch.no_grad():
         verdicts = model.assess(**inputs)
         gated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         ungated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, safety_gating=False)
     length = inputs["input_ids"].shape[1]
-    gated_text = processor.batch_decode(gated[:, length:], skip_special_tokens=True)
-    ungated_text = processor.batch_decode(ungated[:, length:], skip_special_tokens=True)
+    gated_text = decode_responses(processor, gated[:, length:])
+    ungated_text = decode_responses(processor, ungated[:, length:])
     for verdict, text, raw in zip(verdicts, gated_text, ungated_text):
         print(
-            f"  verdict {verdict.category}, level {verdict.level} -> {verdict.action}\n    gated: {text.strip()!r}\n"
-            f"    ungated: {raw.strip()!r}"
+            f"  verdict {verdict.category}, level {verdict.level} -> {verdict.action}\n    gated: {text!r}\n"
+            f"    ungated: {raw!r}"
         )
-    ok = len(verdicts) == 2 and all(t.strip() for t in gated_text) and all(t.strip() for t in ungated_text)
+    ok = len(verdicts) == 2 and all(gated_text) and all(ungated_text)
     _result(results, "gated generate", ok, "verdicts and answers for both prompts (untrained safety modules)")
     return _finish(results, args.json, environment)
 

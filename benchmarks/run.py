@@ -143,32 +143,25 @@ def counters(models: BenchModels) -> dict[str, ForwardCounter]:
 
 
 # ------------------------------------------------------------------------------------------------------ sections
-def bench_refusal_costs(models: BenchModels, run: RunSettings) -> dict:
+def bench_refusal_costs(models: BenchModels, run: RunSettings, batch_seconds: dict[str, list[float]]) -> dict:
     """What a refusal and a caution cost now that refused rows skip the LLM and caution prefixes are prefilled.
 
     * an all-refused batch: gated ``generate`` vs the verdict alone (``assess``) and vs the base LLaVA's ``generate``,
-      on the same ``batch_size`` rows and ``batch_new_tokens``; LLM forwards counted with hooks (0 expected);
+      on the same ``batch_size`` rows and ``batch_new_tokens``; LLM forwards counted with hooks (0 expected). The
+      three are timed in `bench_mixed_batch`'s interleaved rounds (``batch_seconds``, the per-round wall seconds it
+      returns), so LLaVA's generate on that batch is timed once and each ratio still pairs rounds of one run;
     * a cautioned row: ``generate`` up to its first free token (the prefix prefilled, then one token) vs the base
       LLaVA's prefill of the same prompt.
     """
     llava, safe = models.llava, models.safevlm
     shape = models.shape
-    base_in = make_inputs(models.llava_processor, shape, run.batch_size)
     safe_in = make_inputs(models.safevlm_processor, shape, run.batch_size)
     force_levels(safe, safe_in, [LEVEL_REJECT] * run.batch_size)
-    refuse_all = default_safety_policy()
-    refuse_all["levels"] = {str(level): "refuse" for level in range(4)}
-    kwargs = generate_kwargs(run.batch_new_tokens)
-    batch = {
-        "safevlm_all_refused": lambda: safe.generate(**safe_in, **kwargs, safety_policy=refuse_all),
-        "safevlm_assess": lambda: safe.assess(**safe_in, safety_policy=refuse_all),
-        "llava_generate": lambda: llava.generate(**base_in, **kwargs),
-    }
-    seconds = interleaved(batch, rounds=run.batch_rounds, warmup=run.warmup)
     count = counters(models)["safevlm"]
     with count.counting() as counted:
-        batch["safevlm_all_refused"]()
+        safe.generate(**safe_in, **generate_kwargs(run.batch_new_tokens), safety_policy=refuse_every_level())
     llm_calls = dict(counted).get("llm", 0)
+    seconds = {name: batch_seconds[name] for name in ("safevlm_all_refused", "safevlm_assess", "llava_generate")}
 
     one_base = make_inputs(models.llava_processor, shape, 1)
     one_safe = make_inputs(models.safevlm_processor, shape, 1)
@@ -479,17 +472,27 @@ def delivered_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id: 
     return counts
 
 
-def bench_mixed_batch(models: BenchModels, run: RunSettings) -> dict:
+def refuse_every_level() -> dict:
+    """The default policy with every level refused: a per-call policy stricter than the default (so allowed)."""
+    policy = default_safety_policy()
+    policy["levels"] = {str(level): "refuse" for level in range(4)}
+    return policy
+
+
+def bench_mixed_batch(models: BenchModels, run: RunSettings) -> tuple[dict, dict[str, list[float]]]:
     """A batch of ``batch_size`` distinct rows, half of them refused (level 3 forced by the head, rows 0, 2, ...),
-    against the base LLaVA on the same rows; plus the same batch with every row refused (per-call policy)."""
+    against the base LLaVA on the same rows; plus the same batch with every row refused (per-call policy).
+
+    Returns the section's results and, for `bench_refusal_costs`, the per-round wall seconds of the all-refused
+    ``generate``, of its verdict alone (``assess``, timed in the same rounds) and of LLaVA's ``generate``.
+    """
     llava, safe = models.llava, models.safevlm
     shape = models.shape
     base_in = make_inputs(models.llava_processor, shape, run.batch_size)
     safe_in = make_inputs(models.safevlm_processor, shape, run.batch_size)
     levels = [LEVEL_REJECT if row % 2 == 0 else LEVEL_ANSWER for row in range(run.batch_size)]
     force_levels(safe, safe_in, levels)
-    refuse_all = default_safety_policy()
-    refuse_all["levels"] = {str(level): "refuse" for level in range(4)}  # stricter than default: allowed
+    refuse_all = refuse_every_level()
     eos = models.tokenizer.eos_token_id
     clock = StepClock()
     kwargs = generate_kwargs(run.batch_new_tokens, clock)
@@ -499,6 +502,8 @@ def bench_mixed_batch(models: BenchModels, run: RunSettings) -> dict:
         "safevlm_all_refused": lambda: safe.generate(
             **safe_in, **kwargs, safety_policy=refuse_all, return_dict_in_generate=True
         ),
+        # Not a generate call: the verdict alone, which the all-refused batch is compared to in refusal costs.
+        "safevlm_assess": lambda: safe.assess(**safe_in, safety_policy=refuse_all),
     }
     timings = {name: GenerateTimings() for name in variants}
     outputs: dict[str, Any] = {}
@@ -517,6 +522,8 @@ def bench_mixed_batch(models: BenchModels, run: RunSettings) -> dict:
 
     result: dict[str, Any] = {"batch_size": run.batch_size, "max_new_tokens": run.batch_new_tokens, "levels": levels}
     for name, output in outputs.items():
+        if name == "safevlm_assess":
+            continue
         sequences = output.sequences if hasattr(output, "sequences") else output
         prompt = int((base_in if name.startswith("llava") else safe_in)["input_ids"].shape[1])
         tokens = delivered_tokens(sequences, prompt, eos)
@@ -547,7 +554,12 @@ def bench_mixed_batch(models: BenchModels, run: RunSettings) -> dict:
         timings["safevlm_all_refused"].total, timings["llava"].total
     ).to_dict()
     force_levels(safe, make_inputs(models.safevlm_processor, shape, 1), [LEVEL_ANSWER])  # restore for later sections
-    return result
+    refusal_seconds = {
+        "safevlm_all_refused": timings["safevlm_all_refused"].total,
+        "safevlm_assess": timings["safevlm_assess"].total,
+        "llava_generate": timings["llava"].total,
+    }
+    return result, refusal_seconds
 
 
 def training_batch(models: BenchModels, run: RunSettings) -> dict:
@@ -970,8 +982,8 @@ def run_suite(run: RunSettings, profile_dir: Path | None = None, log: Callable[[
         results["external_guard"] = section(
             "external guard", lambda: bench_external_guard(models, run, base_in, safe_in)
         )
-        results["mixed_batch"] = section("mixed batch", lambda: bench_mixed_batch(models, run))
-        results["refusal_costs"] = section("refusal costs", lambda: bench_refusal_costs(models, run))
+        results["mixed_batch"], batch_seconds = section("mixed batch", lambda: bench_mixed_batch(models, run))
+        results["refusal_costs"] = section("refusal costs", lambda: bench_refusal_costs(models, run, batch_seconds))
         if profile_dir is not None:
             section("profile", lambda: profile_paths(models, base_in, safe_in, profile_dir))
     # Timings end here; the memory measurements (which change malloc's behaviour for the process) come last.

@@ -133,6 +133,19 @@ def test_sharded_weights_upload_the_index_and_every_shard(_tiny_safevlm_pair, tm
         check_upload_folder(tmp_path)
 
 
+def test_each_shard_is_checked_once_however_many_tensors_it_holds(_tiny_safevlm_pair, tmp_path, monkeypatch):
+    model, processor = _tiny_safevlm_pair
+    save_checkpoint_with_card(model, processor, tmp_path, max_shard_size="400KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = set(weight_map.values())
+    assert len(weight_map) > 2 * len(shards)  # several tensors per shard, or the check below proves nothing
+    looked_at: list[str] = []
+    lstat = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda path: looked_at.append(Path(path).name) or lstat(path))
+    check_upload_folder(tmp_path)
+    assert {name: looked_at.count(name) for name in shards} == dict.fromkeys(shards, 1)
+
+
 @pytest.mark.parametrize(
     "remove, add, message",
     [
@@ -369,6 +382,31 @@ def test_cli_push_defaults_keep_visibility_and_commit_to_main(folder, monkeypatc
     (commit,) = hub.named("create_commit")
     assert commit["repo_id"] == "me/safevlm-tiny" and commit.get("revision") is None
     assert 'from_pretrained("me/safevlm-tiny", trust_remote_code=True' in capsys.readouterr().out
+
+
+def test_cli_push_plans_the_folder_once(folder, monkeypatch, capsys):
+    from safevlm_hf.hub import push
+
+    hub = HubRecorder(monkeypatch)
+    plans = []
+    plan = push._plan_upload
+    monkeypatch.setattr(push, "_plan_upload", lambda model_dir: plans.append(model_dir) or plan(model_dir))
+    args = _parse(["push", "--model", str(folder), "--repo-id", "acme/x"])
+    assert args.func(args) == 0
+    assert len(plans) == 1 and set(hub.uploaded) == _expected_files(folder)
+
+
+def test_push_with_a_file_list_still_refuses_what_is_not_a_regular_file_inside(folder, tmp_path, monkeypatch):
+    hub = HubRecorder(monkeypatch)
+    files = check_upload_folder(folder)
+    secret = _outside_file(tmp_path, "tokenizer.json")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(secret)  # replaced after the check
+    with pytest.raises(CheckpointFolderError, match=re.escape("'tokenizer.json' is reached through a symbolic link")):
+        push_to_hub(folder, "acme/x", files=files)
+    with pytest.raises(CheckpointFolderError, match=re.escape("'../outside/tokenizer.json' is not a path inside")):
+        push_to_hub(folder, "acme/x", files=["config.json", "../outside/tokenizer.json"])
+    assert hub.calls == []
 
 
 def test_a_user_card_is_uploaded_unchanged(folder, monkeypatch):

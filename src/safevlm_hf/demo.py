@@ -28,9 +28,11 @@ import torch
 
 from . import synthetic
 from .data import load_safety_json
+from .data.examples import NO_SUBCATEGORY, load_image
 from .evaluation import evaluate_head
 from .modeling.modeling_safevlm import SafeVLMForConditionalGeneration
 from .modeling.processing_safevlm import SafeVLMProcessor
+from .prompting import encode_prompts
 from .tiny import TinyLlavaSpec, build_tiny_llava
 from .training import SafeVLMTrainer, SafeVLMTrainingConfig, merge_stage2
 
@@ -95,14 +97,12 @@ def remote_gating(
     max_new_tokens: int,
     batch_size: int,
     response: str | None = None,
-    profile: str | None = None,
 ) -> dict[str, Any]:
     """Run the remote check script on `checkpoint` in a fresh, isolated process where `safevlm_hf` cannot be imported;
     returns its JSON output (`class`: the loaded model class, `records`: verdict and answer per row)."""
     arguments = [str(checkpoint), str(data), "--levels", *map(str, levels)]
     arguments += ["--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size)]
     arguments += ["--response", response] if response else []
-    arguments += ["--profile", profile] if profile else []
     with importlib.resources.as_file(importlib.resources.files("safevlm_hf").joinpath(REMOTE_CHECK_SCRIPT)) as script:
         run = subprocess.run([sys.executable, "-I", str(script), *arguments], capture_output=True, text=True)
     if run.returncode != 0:
@@ -128,20 +128,12 @@ def _names_reason(policy, record: dict[str, Any]) -> bool:
 
 def _assess(model, processor, examples: list[Any]) -> list[Any]:
     """Verdicts for held-out examples (first user turn + image), through the classify-only path."""
-    from PIL import Image
-
     verdicts = []
     for start in range(0, len(examples), 16):
         batch = examples[start : start + 16]
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.messages[0]["content"]}]}],
-                add_generation_prompt=True,
-            )
-            for e in batch
-        ]
-        images = [Image.open(e.image).convert("RGB") for e in batch]
-        verdicts += model.assess(**processor(images=images, text=texts, return_tensors="pt", padding=True))
+        prompts = [e.messages[0]["content"] for e in batch]
+        images = [None if e.image is None else load_image(e.image, e.location) for e in batch]
+        verdicts += model.assess(**encode_prompts(processor, prompts, images))
     return verdicts
 
 
@@ -250,14 +242,14 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     policy = model.safety_policy()
     guided_level3 = [r for r in guided["records"] if r["label"]["safe_level"] == 3]
     guided_refused = [r for r in guided_level3 if r["answer"].startswith(_refusal_lead(policy, r))]
-    guided_refusal_rate = _rate(r in guided_refused for r in guided_level3)
+    guided_refusal_rate = len(guided_refused) / max(len(guided_level3), 1)  # a subset's share: no list search per row
     # A guided refusal explains itself: the model's words after the lead name the verdict's reason.
     guided_reason_rate = _rate(_names_reason(policy, r) for r in guided_refused)
 
     # Sub-category: every held-out "Illegal Risk" row, sexual content or not (a false alarm counts as an error).
     illegal = [e for e in test.examples if e.safe_type == 1]
     predicted = [v.subcategory for v in _assess(model, processor, illegal)]
-    expected = [e.safe_subcategory if e.safe_subcategory != "none" else None for e in illegal]
+    expected = [e.safe_subcategory if e.safe_subcategory != NO_SUBCATEGORY else None for e in illegal]
     subcategory_accuracy = _rate(p == e for p, e in zip(predicted, expected))
     pegi_actions = {
         name: policy.action("Illegal Risk", 2, "adult_eu_pegi", subcategory)

@@ -133,15 +133,19 @@ class TinyLlavaSpec:
     attn_implementation: str = "sdpa"
 
 
-def build_tiny_llava_processor(spec: TinyLlavaSpec | None = None) -> LlavaProcessor:
-    """The LLaVA processor of the tiny model (tokenizer + CLIP image processor + chat template)."""
-    spec = spec or TinyLlavaSpec()
+def _tiny_llava_family_processor(
+    spec: TinyLlavaSpec, processor_class: type, image_processor_class: type, **image_processor_kwargs: Any
+) -> Any:
+    """A LLaVA-family processor over the tiny tokenizer: a CLIP-style image processor at the spec's image size (plus
+    the family's own `image_processor_kwargs`), the CLS token counted as LLaVA's checkpoints do, and the LLaVA-1.5
+    chat template."""
     tokenizer = build_tiny_tokenizer(spec.corpus, spec.vocab_size)
-    image_processor = CLIPImageProcessorPil(
+    image_processor = image_processor_class(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
+        **image_processor_kwargs,
     )
-    return LlavaProcessor(
+    return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
@@ -149,6 +153,11 @@ def build_tiny_llava_processor(spec: TinyLlavaSpec | None = None) -> LlavaProces
         chat_template=LLAVA_CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
+
+
+def build_tiny_llava_processor(spec: TinyLlavaSpec | None = None) -> LlavaProcessor:
+    """The LLaVA processor of the tiny model (tokenizer + CLIP image processor + chat template)."""
+    return _tiny_llava_family_processor(spec or TinyLlavaSpec(), LlavaProcessor, CLIPImageProcessorPil)
 
 
 def _tiny_clip_config(spec: TinyLlavaSpec) -> CLIPVisionConfig:
@@ -204,19 +213,28 @@ def _init_model(model_class: type, config: Any, spec: Any, tokenizer: PreTrained
     return model
 
 
-def build_tiny_llava(spec: TinyLlavaSpec | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialized tiny `LlavaForConditionalGeneration` and its processor, built offline."""
-    spec = spec or TinyLlavaSpec()
-    processor = build_tiny_llava_processor(spec)
-    config = LlavaConfig(
+def _init_tiny_llava_family(
+    spec: TinyLlavaSpec, processor: Any, config_class: type, model_class: type, **config_kwargs: Any
+) -> tuple[Any, Any]:
+    """The seeded tiny model of a LLaVA family and `processor`: CLIP vision + Llama text configs from `spec`, the
+    processor's image token, and the family's own `config_kwargs`."""
+    config = config_class(
         vision_config=_tiny_clip_config(spec),
         text_config=_tiny_llava_text_config(spec, processor.tokenizer),
         image_token_index=processor.image_token_id,
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
         vision_feature_layer=spec.vision_feature_layer,
         vision_feature_select_strategy="default",
+        **config_kwargs,
     )
-    return _init_model(LlavaForConditionalGeneration, config, spec, processor.tokenizer), processor
+    return _init_model(model_class, config, spec, processor.tokenizer), processor
+
+
+def build_tiny_llava(spec: TinyLlavaSpec | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialized tiny `LlavaForConditionalGeneration` and its processor, built offline."""
+    spec = spec or TinyLlavaSpec()
+    processor = build_tiny_llava_processor(spec)
+    return _init_tiny_llava_family(spec, processor, LlavaConfig, LlavaForConditionalGeneration)
 
 
 # ------------------------------------------------------------------------------------------------- LLaVA-NeXT
@@ -240,30 +258,16 @@ def build_tiny_llava_next(
     """A randomly initialized tiny `LlavaNextForConditionalGeneration` (anyres tiles, `image_newline`) and its
     `LlavaNextProcessor`, built offline. The LLaVA-1.5 chat template is llava-v1.6-vicuna's."""
     spec = spec or TinyLlavaNextSpec()
-    tokenizer = build_tiny_tokenizer(spec.corpus, spec.vocab_size)
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
+    processor = _tiny_llava_family_processor(
+        spec, LlavaNextProcessor, LlavaNextImageProcessorPil, image_grid_pinpoints=spec.image_grid_pinpoints
+    )
+    return _init_tiny_llava_family(
+        spec,
+        processor,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
         image_grid_pinpoints=spec.image_grid_pinpoints,
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    config = LlavaNextConfig(
-        vision_config=_tiny_clip_config(spec),
-        text_config=_tiny_llava_text_config(spec, tokenizer),
-        image_token_index=processor.image_token_id,
-        image_grid_pinpoints=spec.image_grid_pinpoints,
-        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy="default",
-    )
-    return _init_model(LlavaNextForConditionalGeneration, config, spec, tokenizer), processor
 
 
 # ---------------------------------------------------------------------------------------- Llama 3.2 Vision

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .examples import SafetyDataError
+from .examples import NO_SUBCATEGORY, SafetyDataError
 
 
 def chat_messages(messages: Sequence[Mapping[str, str]], image_turn: int | None) -> list[dict[str, Any]]:
@@ -21,12 +21,22 @@ def chat_messages(messages: Sequence[Mapping[str, str]], image_turn: int | None)
     message's optional ``"context"`` (a guided-mode safety hint) is put in front of its content, where generation
     puts it; the collator does not train on it.
     """
-    conversation = []
+    return _conversation_and_contexts(messages, image_turn)[0]
+
+
+def _conversation_and_contexts(
+    messages: Sequence[Mapping[str, str]], image_turn: int | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`chat_messages` and each message's context (``""`` if none), read once: the collator then leaves out of
+    the targets exactly the text the template was given."""
+    conversation, contexts = [], []
     for index, message in enumerate(messages):
+        context = message.get("context", "")
         parts: list[dict[str, Any]] = [{"type": "image"}] if index == image_turn else []
-        parts.append({"type": "text", "text": message.get("context", "") + message["content"]})
+        parts.append({"type": "text", "text": context + message["content"]})
         conversation.append({"role": message["role"], "content": parts})
-    return conversation
+        contexts.append(context)
+    return conversation, contexts
 
 
 @dataclass
@@ -127,10 +137,9 @@ class SafeVLMDataCollator:
         for row, feature in enumerate(features):
             image = feature.get("image")
             location = feature.get("location") or f"batch row {row}"
-            conversation = chat_messages(
+            conversation, contexts = _conversation_and_contexts(
                 feature["messages"], feature.get("image_turn", 0) if image is not None else None
             )
-            contexts = [message.get("context", "") for message in feature["messages"]]
             text, spans = self.assistant_spans(conversation, location, contexts)
             texts.append(text)
             all_spans.append(spans)
@@ -178,7 +187,7 @@ class SafeVLMDataCollator:
         name = feature.get("safe_subcategory")
         if name is None:
             return self.ignore_index
-        if name == "none":
+        if name == NO_SUBCATEGORY:
             return 0
         if name not in self.subcategories:
             raise SafetyDataError(

@@ -20,7 +20,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from transformers.dynamic_module_utils import get_relative_imports
@@ -85,9 +85,18 @@ class _Folder:
         self.missing: list[str] = []
         self.problems: list[str] = []
         self._refused: set[str] = set()
+        # name -> its refusal: a name is checked once per plan, however often it is asked about (a weight index
+        # names the same few shards for thousands of tensors).
+        self._checked: dict[str, str | None] = {}
 
     def _refusal(self, name: str) -> str | None:
         """Why `name` is not a regular file inside the folder, `_ABSENT` if nothing is there, `None` if it is one."""
+        if name not in self._checked:
+            self._checked[name] = self._check(name)
+        return self._checked[name]
+
+    def _check(self, name: str) -> str | None:
+        """:meth:`_refusal` without the memo: looks at the file system, one component of `name` at a time."""
         if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             return "is not a path inside the folder (absolute, or with '..')"
         current = self.root
@@ -197,15 +206,17 @@ def _weight_files(folder: _Folder) -> list[str]:
         if not isinstance(weight_map, dict) or not weight_map:
             folder.problems.append(f"{SAFE_WEIGHTS_INDEX_NAME}: has no 'weight_map'.")
             return []
-        shards: list[str] = []
+        shards: set[str] = set()
         for tensor, shard in weight_map.items():
             entry = f"{SAFE_WEIGHTS_INDEX_NAME}: weight_map[{tensor!r}]"
             if not isinstance(shard, str):
                 folder.problems.append(f"{entry} = {shard!r} is not a file name.")
                 continue
+            # The folder looks at each shard once (its answer is remembered), so this loop touches the file system
+            # once per shard, not once per tensor; a refused shard is still reported under every tensor naming it.
             status = folder.status(shard, entry)
-            if status == "file" and shard not in shards:
-                shards.append(shard)
+            if status == "file":
+                shards.add(shard)
             elif status == "absent":
                 folder.missing.append(f"{shard} (listed in {SAFE_WEIGHTS_INDEX_NAME})")
         return [SAFE_WEIGHTS_INDEX_NAME, *sorted(shards)]
@@ -338,10 +349,25 @@ def _operations(folder: Path, files: list[str], repo_id: str) -> list[CommitOper
     return operations
 
 
+def _recheck_files(folder: Path, files: Sequence[str]) -> list[str]:
+    """`files` (what [`check_upload_folder`] returned earlier), sorted, once each is checked again to be a regular file
+    inside `folder`: cheap (no plan: nothing is read), and the folder may have changed since its check."""
+    view = _Folder(folder)
+    for name in files:
+        view.need(name, "in the list of files to upload")
+    if view.missing or view.problems:
+        lines = [f"{folder}: cannot upload the given files:"]
+        lines += [f"  - missing: {item}" for item in view.missing]
+        lines += [f"  - {item}" for item in view.problems]
+        raise CheckpointFolderError("\n".join(lines))
+    return sorted(dict.fromkeys(view.files))
+
+
 def push_to_hub(
     model_dir: str | os.PathLike,
     repo_id: str,
     *,
+    files: Sequence[str] | None = None,
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
@@ -356,11 +382,16 @@ def push_to_hub(
     `huggingface_hub.HfApi.create_commit` is used rather than `upload_folder` so that the commit holds exactly the
     checked list of files (no glob patterns) and the card can get the repo id without rewriting the user's folder.
 
+    Args:
+        files: the files to upload, as [`check_upload_folder`] returned them for `model_dir` (a [`PushCall`] holds
+            them), so that a folder already checked is not planned again; each is still checked to be a regular file
+            inside the folder. `None` (the default) checks the folder here.
+
     Returns:
         `huggingface_hub.CommitInfo`: `.oid` is the commit sha to pin as `revision=` when loading.
     """
     folder = Path(model_dir)
-    files = check_upload_folder(folder)
+    files = check_upload_folder(folder) if files is None else _recheck_files(folder, files)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model").repo_id
     if revision is not None and not revision.startswith("refs/pr/"):
@@ -391,6 +422,7 @@ class PushCall:
         return {
             "model_dir": self.model_dir,
             "repo_id": self.repo_id,
+            "files": list(self.files),  # already checked: push_to_hub does not plan the folder again
             "private": self.private,
             "revision": self.revision,
             "token": self.token,

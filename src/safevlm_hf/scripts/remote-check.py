@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--response", choices=["template", "guided"], default=None)
-    parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
 
     logging.set_verbosity_error()
@@ -72,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
                 do_sample=False,
                 return_dict_in_generate=True,
                 safety_response=args.response,
-                safety_profile=args.profile,
             )
         answers = processor.batch_decode(output.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for row, user, verdict, answer in zip(batch, users, output.safety_verdicts, answers):
