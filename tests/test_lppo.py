@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_image
 from safetensors.torch import load_file
+from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from safevlm_hf.layerwise import (
     CallableReward,
@@ -20,7 +21,7 @@ from safevlm_hf.layerwise import (
     RefusalReward,
     SafetyHeadReward,
 )
-from safevlm_hf.layerwise.lppo_trainer import response_mask
+from safevlm_hf.layerwise.lppo_trainer import _stream_seed, response_mask
 from safevlm_hf.prompting import encode_items
 from safevlm_hf.tiny import build_tiny_reward_model
 
@@ -123,6 +124,31 @@ def test_rollouts_use_the_target_layer_and_safevlm_trains_ungated_with_its_modul
         assert torch.equal(parameter, before[original]), name
     lora_b = [p for name, p in trainer.policy.named_parameters() if "lora_B" in name]
     assert any(bool(p.abs().sum() > 0) for p in lora_b)  # the adapters did learn
+
+
+def test_rollout_draws_each_token_once_from_the_tempered_filtered_distribution(peaked_llava, tmp_path):
+    """Every sampled token is the row generator's next draw from softmax(logits / T) after top-k and top-p, with the
+    logits the log-probabilities are scored on: the sampling settings are applied exactly once, in one place."""
+    model, processor = peaked_llava
+    settings = config(tmp_path, rollout_batch_size=8, max_new_tokens=6, temperature=2.0, top_k=40, top_p=0.95)
+    trainer = LPPOTrainer(model, processor, settings, training_items(8), starts_with_vowel)
+    items, step, layer = training_items(8), 3, 1
+    rollout = trainer.rollout(items, layer, step)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        logits, _ = trainer._score(policy, rollout.inputs, rollout.responses, rollout.mask, layer)  # already / T
+    filters = [TopKLogitsWarper(40), TopPLogitsWarper(0.95)]
+    drawn = 0
+    for row in range(len(items)):
+        generator = torch.Generator().manual_seed(_stream_seed(settings.seed, step, row))
+        for position in range(int(rollout.mask[row].sum())):
+            scores = logits[row, position][None]
+            for warper in filters:
+                scores = warper(None, scores)
+            expected = torch.multinomial(torch.softmax(scores, dim=-1)[0], 1, generator=generator)
+            assert int(rollout.responses[row, position]) == int(expected), (row, position)
+            drawn += 1
+    assert drawn >= 16
 
 
 def test_random_layer_sampling_is_seeded_and_stays_in_the_set(peaked_llava, tmp_path):

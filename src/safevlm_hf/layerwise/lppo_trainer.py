@@ -173,8 +173,8 @@ class RowSeededSampler(LogitsProcessor):
 
     With the global random stream, a row's sample would depend on which other rows share its batch - and so on the
     number of processes. Returned as a one-hot distribution, so `generate(do_sample=True)` keeps the choice. Applies
-    the temperature / top-k / top-p itself (transformers' warpers run after custom processors and leave a one-hot
-    distribution unchanged).
+    the temperature / top-k / top-p itself, the one place they are applied: transformers runs its own warpers after
+    custom processors, on the one-hot choice, so the trainer passes `generate` neutral values for them.
     """
 
     def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_k: int, top_p: float):
@@ -445,9 +445,11 @@ class LPPOTrainer:
             max_new_tokens=config.max_new_tokens,
             gating=False if self.is_safevlm else None,
             do_sample=True,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
+            # The sampler applies temperature / top-k / top-p and draws the token; neutral values keep generate()
+            # (and the model's generation_config) from adding warpers of its own after that draw.
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
             suppress_tokens=self.banned_token_ids or None,
             logits_processor=[RowSeededSampler(generators, config.temperature, config.top_k, config.top_p)],
         )
