@@ -103,15 +103,12 @@ class Rollout:
     """One rollout batch, everything the PPO updates need (tensors are `(batch, response_length)` unless noted)."""
 
     layer: int
-    items: list[Any]
     inputs: dict[str, Any]  # processor inputs of the prompts (left-padded)
     has_image: list[bool]
     responses: torch.Tensor  # sampled token ids, right-padded
     mask: torch.Tensor  # 1 up to and including each row's EOS
-    texts: list[str]
     scores: torch.Tensor  # (batch,)
     logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
     values: torch.Tensor
     kl: torch.Tensor
     advantages: torch.Tensor
@@ -468,13 +465,14 @@ class LPPOTrainer:
 
         model = self.accelerator.unwrap_model(self.model)
         logits, values = self._score(model, local, responses, mask, layer)
+        values = values * mask  # no value estimate after a row's EOS
         logprobs = logprobs_from_logits(logits, responses)
         with self._reference_context():
             reference = self.reference if self.reference is not None else self.policy
             ref_logits, _ = self._score(reference, local, responses, mask, layer)
         ref_logprobs = logprobs_from_logits(ref_logits, responses)
         rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, config.kl_coef, config.kl_estimator)
-        advantages, returns = compute_gae(rewards, values * mask, mask, config.gamma, config.lam)
+        advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
 
         gathered = {
             "responses": self._gather_rows(responses, pad=self.pad_token_id),
@@ -484,8 +482,7 @@ class LPPOTrainer:
                     mask=mask,
                     scores=scores,
                     logprobs=logprobs,
-                    ref_logprobs=ref_logprobs,
-                    values=values * mask,
+                    values=values,
                     kl=kl,
                     advantages=advantages,
                     returns=returns,
@@ -494,8 +491,7 @@ class LPPOTrainer:
         }
         if config.whiten_advantages:  # over the whole batch, as on one process
             gathered["advantages"] = masked_whiten(gathered["advantages"], gathered["mask"])
-        all_texts = gather_object(texts) if self.accelerator.num_processes > 1 else texts
-        return Rollout(layer=layer, items=list(items), inputs=inputs, has_image=has_image, texts=all_texts, **gathered)
+        return Rollout(layer=layer, inputs=inputs, has_image=has_image, **gathered)
 
     # --------------------------------------------------------------------------------------------------- updates
     def _global_mean(self, local_sum: torch.Tensor) -> float:
