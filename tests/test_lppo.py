@@ -21,6 +21,7 @@ from safevlm_hf.layerwise import (
     RefusalReward,
     SafetyHeadReward,
 )
+from safevlm_hf.layerwise.early_exit import ImageEncoderEarlyExit
 from safevlm_hf.layerwise.lppo_trainer import _stream_seed, response_mask
 from safevlm_hf.prompting import encode_items
 from safevlm_hf.tiny import build_tiny_reward_model
@@ -149,6 +150,18 @@ def test_rollout_draws_each_token_once_from_the_tempered_filtered_distribution(p
             assert int(rollout.responses[row, position]) == int(expected), (row, position)
             drawn += 1
     assert drawn >= 16
+
+
+def test_trainer_builds_the_early_exit_once_for_rollouts_scoring_and_evaluation(peaked_llava, tmp_path, monkeypatch):
+    model, processor = peaked_llava
+    built = []
+    init = ImageEncoderEarlyExit.__init__
+    monkeypatch.setattr(ImageEncoderEarlyExit, "__init__", lambda self, m: (built.append(m), init(self, m))[1])
+    trainer = LPPOTrainer(
+        model, processor, config(tmp_path, max_steps=1), training_items(4), starts_with_vowel, training_items(2)
+    )
+    trainer.train()
+    assert len(trainer.eval_history) == 2 and len(built) == 1
 
 
 def test_random_layer_sampling_is_seeded_and_stays_in_the_set(peaked_llava, tmp_path):

@@ -58,7 +58,7 @@ from ..training.stages import (
 )
 from .early_exit import early_exit_for
 from ..prompting import decode_responses, encode_items, is_safevlm
-from .icet import generate_at_layer, resolve_layers, vision_encoder_depth
+from .icet import generate_at_layer, resolve_layers
 from .lppo_config import LPPOConfig
 from .ppo_math import (
     clipped_policy_loss,
@@ -240,7 +240,10 @@ class LPPOTrainer:
                 f"reward must be callable(prompts, responses, items) -> list[float], got {type(reward).__name__}."
             )
         self.reward = reward
-        self.num_layers = vision_encoder_depth(model)
+        # How this model family's LLM is made to read vision layer l (hooks or kwargs on the model's own modules, so
+        # it holds through the PEFT and DDP wrappers); built once, for every rollout, scoring and update.
+        self.early_exit = early_exit_for(model)
+        self.num_layers = self.early_exit.num_layers
         self.layers = resolve_layers(config.layers, self.num_layers)
         self.is_safevlm = is_safevlm(model)
         sources = sorted({str(item.source) for item in self.items if getattr(item, "source", None)})
@@ -274,10 +277,6 @@ class LPPOTrainer:
         image_token_id = getattr(model.config, "image_token_id", None)
         vocabulary = model.get_output_embeddings().weight.shape[0]  # Llama 3.2 Vision's image token has no logit
         self.banned_token_ids = [image_token_id] if image_token_id is not None and image_token_id < vocabulary else []
-        # How this model family's LLM is made to read vision layer l (hooks or kwargs on the model's own modules, so
-        # it holds through the PEFT and DDP wrappers).
-        self.early_exit = early_exit_for(model)
-
         set_seed(config.seed)  # LoRA and value-head initialisation are part of the run's seeded state
         model.requires_grad_(False)
         if config.use_lora:
@@ -349,7 +348,7 @@ class LPPOTrainer:
         """Run ``model`` - a forward pass, or `generate` for rollouts - with its LLM reading image features from vision
         layer ``layer``: the one place where the target layer is applied."""
         if generate:
-            return generate_at_layer(model, self.processor, inputs, layer, **kwargs)
+            return generate_at_layer(model, self.processor, inputs, layer, early_exit=self.early_exit, **kwargs)
         with self.early_exit.at(layer) as exit_kwargs:
             return model(**inputs, **exit_kwargs, **kwargs)
 
