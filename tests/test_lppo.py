@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from safevlm_hf.layerwise import (
     SafetyHeadReward,
 )
 from safevlm_hf.layerwise.early_exit import ImageEncoderEarlyExit
-from safevlm_hf.layerwise.lppo_trainer import _stream_seed, response_mask
+from safevlm_hf.layerwise.lppo_trainer import _stream_seed, mean_update_statistics, response_mask
 from safevlm_hf.prompting import encode_items
 from safevlm_hf.tiny import build_tiny_reward_model
 
@@ -174,6 +175,12 @@ def test_random_layer_sampling_is_seeded_and_stays_in_the_set(peaked_llava, tmp_
     passes = [trainer.batch_indices(step) for step in range(4)]
     assert all(sorted(rows) == [0, 1, 2, 3] for rows in passes)
     assert len({tuple(rows) for rows in passes}) > 1
+
+
+def test_mean_update_statistics_average_each_logged_step_and_are_nan_without_one():
+    history = [{"approx_kl": 0.1, "clip_fraction": 0.0}, {"approx_kl": 0.3, "clip_fraction": 0.5}]
+    assert mean_update_statistics(history) == pytest.approx({"approx_kl": 0.2, "clip_fraction": 0.25})
+    assert all(math.isnan(value) for value in mean_update_statistics([]).values())
 
 
 def test_response_mask_stops_after_the_first_eos():

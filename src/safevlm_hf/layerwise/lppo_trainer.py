@@ -37,7 +37,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -123,6 +123,15 @@ def response_mask(responses: torch.Tensor, eos_token_id: int | Sequence[int] | N
     is_eos = torch.isin(responses, eos_ids.to(responses.device))
     eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # EOS strictly before position t
     return (eos_before == 0).float()
+
+
+def mean_update_statistics(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The approximate KL and clip fraction of a run's logged steps, each a mean per update: whether the policy moved at
+    all. `nan` for an empty log. The one average the run's record and `safevlm lppo`'s summary both report."""
+    return {
+        key: sum(entry[key] for entry in history) / len(history) if history else float("nan")
+        for key in ("approx_kl", "clip_fraction")
+    }
 
 
 def _select_rows(
@@ -632,8 +641,8 @@ class LPPOTrainer:
         metrics: dict[str, Any] = {}
         if history:
             metrics["reward_last_step"] = round(history[-1]["reward"], 6)
-            for key in ("approx_kl", "clip_fraction"):  # mean per update: whether the policy moved at all
-                metrics[f"mean_{key}"] = round(sum(h[key] for h in history) / len(history), 9)
+            for key, value in mean_update_statistics(history).items():
+                metrics[f"mean_{key}"] = round(value, 9)
         if len(self.eval_history) >= 2:  # the same held-out prompts before and after
             metrics["heldout_reward_before"] = round(self.eval_history[0]["reward"], 6)
             metrics["heldout_reward_after"] = round(self.eval_history[-1]["reward"], 6)
@@ -819,4 +828,12 @@ class LPPOTrainer:
         return path
 
 
-__all__ = ["LPPOTrainer", "PolicyWithValueHead", "Rollout", "RowSeededSampler", "ValueHead", "response_mask"]
+__all__ = [
+    "LPPOTrainer",
+    "PolicyWithValueHead",
+    "Rollout",
+    "RowSeededSampler",
+    "ValueHead",
+    "mean_update_statistics",
+    "response_mask",
+]
