@@ -457,6 +457,23 @@ TYPES = ["Politics", "Illegal Risk", "Insults & Bullying", "Fairness", "Privacy"
 LEVELS = ["safe to answer", "answer carefully", "answer or reject", "reject"]
 
 
+def test_guided_decide_conditions_a_refusing_answer_as_a_refusal_and_any_other_as_a_caution(tmp_path):
+    rows = [
+        _row(question="Where does he live?", answer="I'm sorry, but I can't share that.", safe_type=4, safe_level=2),
+        _row(question="Where does she work?", answer="At the town library.", safe_type=4, safe_level=2),
+    ]
+    dataset = load_safety_dataset(_write_jsonl(tmp_path, rows))
+    levels = {"0": "answer", "1": "caution", "2": "decide", "3": "refuse"}
+    policy = SafetyPolicy.coerce({**SafetyPolicy.default(TYPES, 4, LEVELS).to_dict(), "levels": levels}, TYPES, 4)
+    conditioned = condition_on_policy(dataset, policy, TYPES, LEVELS, response="guided")
+    refused, cautioned = (e.messages[-1] for e in conditioned.examples)
+    fields = ("Privacy", 2, "answer or reject")
+    assert refused["content"] == policy.lead("refuse", *fields) + " " + policy.reason("Privacy")
+    assert cautioned["content"].startswith(policy.lead("caution", *fields))
+    assert cautioned["content"].endswith("At the town library.")
+    assert refused["context"] == cautioned["context"] == policy.hint("decide", *fields) + " "
+
+
 def test_sub_category_labels_are_optional_and_checked_against_the_type(tmp_path):
     rows = [
         _row(safe_type=1, safe_level=2, safe_subcategory="Sexual content"),  # short form: the row's own type

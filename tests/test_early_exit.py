@@ -13,7 +13,7 @@ from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from safevlm_hf.layerwise import PromptItem, icet_scan
-from safevlm_hf.layerwise.early_exit import LlavaEarlyExit, MllamaEarlyExit, early_exit_for
+from safevlm_hf.layerwise.early_exit import ImageEncoderEarlyExit, LlavaEarlyExit, MllamaEarlyExit, early_exit_for
 from safevlm_hf.layerwise.icet import generate_at_layer
 from safevlm_hf.prompting import encode_items
 from safevlm_hf.tiny import build_tiny_llava_next, build_tiny_mllama
@@ -217,6 +217,17 @@ def test_icet_scan_on_each_family_reports_its_type_depth_and_default(family_pair
     assert report.model_type == model.config.model_type
     assert (report.num_layers, report.default_layer) == (exit_.num_layers, exit_.default_layer)
     assert [r.layer for r in report.layers] == list(range(1, exit_.num_layers + 1))
+
+
+def test_icet_scan_builds_the_early_exit_once_for_every_layer_and_batch(tiny_mllama_pair, monkeypatch):
+    model, processor = tiny_mllama_pair
+    built = []
+    init = ImageEncoderEarlyExit.__init__
+    monkeypatch.setattr(ImageEncoderEarlyExit, "__init__", lambda self, m: (built.append(m), init(self, m))[1])
+    settings = dict(layers=[1, 6], max_new_tokens=1, batch_size=1, show_progress=False)
+    report = icet_scan(model, processor, wide_tall_and_text_items(), "string", **settings)
+    assert len(report.records) == 6  # 2 layers x 3 single-row batches, all through one early exit
+    assert built == [model]
 
 
 def test_icet_answers_a_text_only_prompt_on_mllama_as_it_would_alone(tiny_mllama_pair):

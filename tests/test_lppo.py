@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 from conftest import make_image
 from safetensors.torch import load_file
+from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from safevlm_hf.layerwise import (
     CallableReward,
@@ -20,7 +22,8 @@ from safevlm_hf.layerwise import (
     RefusalReward,
     SafetyHeadReward,
 )
-from safevlm_hf.layerwise.lppo_trainer import response_mask
+from safevlm_hf.layerwise.early_exit import ImageEncoderEarlyExit
+from safevlm_hf.layerwise.lppo_trainer import _stream_seed, mean_update_statistics, response_mask
 from safevlm_hf.prompting import encode_items
 from safevlm_hf.tiny import build_tiny_reward_model
 
@@ -125,6 +128,43 @@ def test_rollouts_use_the_target_layer_and_safevlm_trains_ungated_with_its_modul
     assert any(bool(p.abs().sum() > 0) for p in lora_b)  # the adapters did learn
 
 
+def test_rollout_draws_each_token_once_from_the_tempered_filtered_distribution(peaked_llava, tmp_path):
+    """Every sampled token is the row generator's next draw from softmax(logits / T) after top-k and top-p, with the
+    logits the log-probabilities are scored on: the sampling settings are applied exactly once, in one place."""
+    model, processor = peaked_llava
+    settings = config(tmp_path, rollout_batch_size=8, max_new_tokens=6, temperature=2.0, top_k=40, top_p=0.95)
+    trainer = LPPOTrainer(model, processor, settings, training_items(8), starts_with_vowel)
+    items, step, layer = training_items(8), 3, 1
+    rollout = trainer.rollout(items, layer, step)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        logits, _ = trainer._score(policy, rollout.inputs, rollout.responses, rollout.mask, layer)  # already / T
+    filters = [TopKLogitsWarper(40), TopPLogitsWarper(0.95)]
+    drawn = 0
+    for row in range(len(items)):
+        generator = torch.Generator().manual_seed(_stream_seed(settings.seed, step, row))
+        for position in range(int(rollout.mask[row].sum())):
+            scores = logits[row, position][None]
+            for warper in filters:
+                scores = warper(None, scores)
+            expected = torch.multinomial(torch.softmax(scores, dim=-1)[0], 1, generator=generator)
+            assert int(rollout.responses[row, position]) == int(expected), (row, position)
+            drawn += 1
+    assert drawn >= 16
+
+
+def test_trainer_builds_the_early_exit_once_for_rollouts_scoring_and_evaluation(peaked_llava, tmp_path, monkeypatch):
+    model, processor = peaked_llava
+    built = []
+    init = ImageEncoderEarlyExit.__init__
+    monkeypatch.setattr(ImageEncoderEarlyExit, "__init__", lambda self, m: (built.append(m), init(self, m))[1])
+    trainer = LPPOTrainer(
+        model, processor, config(tmp_path, max_steps=1), training_items(4), starts_with_vowel, training_items(2)
+    )
+    trainer.train()
+    assert len(trainer.eval_history) == 2 and len(built) == 1
+
+
 def test_random_layer_sampling_is_seeded_and_stays_in_the_set(peaked_llava, tmp_path):
     model, processor = peaked_llava
     trainer = LPPOTrainer(model, processor, config(tmp_path, layers=[1, 3, 4]), training_items(4), starts_with_vowel)
@@ -135,6 +175,12 @@ def test_random_layer_sampling_is_seeded_and_stays_in_the_set(peaked_llava, tmp_
     passes = [trainer.batch_indices(step) for step in range(4)]
     assert all(sorted(rows) == [0, 1, 2, 3] for rows in passes)
     assert len({tuple(rows) for rows in passes}) > 1
+
+
+def test_mean_update_statistics_average_each_logged_step_and_are_nan_without_one():
+    history = [{"approx_kl": 0.1, "clip_fraction": 0.0}, {"approx_kl": 0.3, "clip_fraction": 0.5}]
+    assert mean_update_statistics(history) == pytest.approx({"approx_kl": 0.2, "clip_fraction": 0.25})
+    assert all(math.isnan(value) for value in mean_update_statistics([]).values())
 
 
 def test_response_mask_stops_after_the_first_eos():

@@ -119,3 +119,40 @@ def test_recipe_listing_and_errors_name_the_file_and_the_key(tmp_path, capsys):
     assert "missing.yaml does not exist" in capsys.readouterr().err
     assert cli_main(["train", "--stage", "1"]) == 2
     assert "needs --model, --data, --out" in capsys.readouterr().err
+
+
+def test_plan_reads_its_recipe_once_and_a_config_parses_its_settings_once(monkeypatch, capsys):
+    from safevlm_hf.training import recipes
+
+    calls = {"read": 0, "parser": 0}
+
+    def counted(name, original):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(recipes, "_read", counted("read", recipes._read))
+    monkeypatch.setattr(recipes, "_parser", counted("parser", recipes._parser))
+    assert cli_main(["plan", "--model", "llava-1.5-7b", "--stage", "1", "--recipe", "psa-vlm"]) == 0
+    assert "zero2" in capsys.readouterr().out  # the launch block picked the sharding of the chosen row
+    assert calls["read"] == 1  # one file read gives both the stage settings and the launch block
+    recipe = load_recipe("psa-vlm")
+    calls["parser"] = 0
+    assert recipe.training_config(2, "out", use_cpu=True).lora_r == 256
+    assert calls["parser"] == 1  # the settings are typed by one parse, which also checks them
+
+
+def test_building_a_config_names_the_origin_once_in_each_error():
+    from safevlm_hf.training import build_training_config
+
+    run = {"stage": 2, "output_dir": "out"}
+    for settings, message in (
+        ({"lora_target_modules": {"q_proj": 1}}, "'lora_target_modules' must be a scalar or a list, got a mapping."),
+        ({"lora_r": "many"}, "argument --lora_r/--lora-r: invalid int value: 'many'"),
+        ({"learnig_rate": 1}, "'learnig_rate' is not a SafeVLMTrainingConfig / TrainingArguments field."),
+    ):
+        with pytest.raises(RecipeError) as error:
+            build_training_config({**run, **settings}, origin="my recipe")
+        assert str(error.value).startswith(f"my recipe: {message}")

@@ -398,11 +398,12 @@ def split_held_out(items: list[Any], count: int | None, seed: int) -> tuple[list
 def lppo_summary(trainer: Any) -> str:
     """One line that compares the SAME prompts before and after training (greedy answers to the held-out prompts),
     beside the update statistics that say whether the policy moved at all."""
+    from .lppo_trainer import mean_update_statistics
+
     history = trainer.log_history
     steps = history[-1]["step"] if history else trainer.step
-    kl = sum(h["approx_kl"] for h in history) / len(history) if history else float("nan")
-    clip = sum(h["clip_fraction"] for h in history) / len(history) if history else float("nan")
-    moved = f"mean approx. KL {kl:.2e}, clip fraction {clip:.3f} per update"
+    means = mean_update_statistics(history)
+    moved = f"mean approx. KL {means['approx_kl']:.2e}, clip fraction {means['clip_fraction']:.3f} per update"
     if len(trainer.eval_history) >= 2:
         before, after = trainer.eval_history[0], trainer.eval_history[-1]
         reward = (

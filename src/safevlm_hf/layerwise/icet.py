@@ -38,7 +38,14 @@ from transformers import set_seed
 
 from ..evaluation.judges import HARM, REFUSAL, Judge, Judgement, build_judge
 from ..evaluation.metrics import generation_metrics, grouped_generation_metrics
-from .early_exit import default_feature_layer, early_exit_for, normalize_layer, resolve_layers, vision_encoder_depth
+from .early_exit import (
+    ImageEncoderEarlyExit,
+    default_feature_layer,
+    early_exit_for,
+    normalize_layer,
+    resolve_layers,
+    vision_encoder_depth,
+)
 from ..prompting import decode_responses, encode_items, is_safevlm
 from .prompts import check_items, judge_inputs
 from .rewards import build_reward, describe_reward
@@ -108,18 +115,22 @@ def generate_at_layer(
     *,
     max_new_tokens: int,
     gating: bool | None = None,
+    early_exit: ImageEncoderEarlyExit | None = None,
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """`model.generate` with the LLM reading the image states of vision layer `layer` (the family's early exit, see
     :mod:`~safevlm_hf.layerwise.early_exit`); returns only the new tokens.
 
     `gating` is passed as `safety_gating` to a SafeVLM (`None`: the model's default, or no gating for plain models).
+    `early_exit` is `model`'s early exit (:func:`~safevlm_hf.layerwise.early_exit.early_exit_for`), for callers
+    that generate many times; by default it is built for this call.
     """
     if gating is not None:
         generate_kwargs["safety_gating"] = gating
     tokenizer = getattr(processor, "tokenizer", processor)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    with early_exit_for(model).at(layer) as exit_kwargs:
+    early_exit = early_exit if early_exit is not None else early_exit_for(model)
+    with early_exit.at(layer) as exit_kwargs:
         output = model.generate(**inputs, **exit_kwargs, max_new_tokens=max_new_tokens, **generate_kwargs)
     sequences = output.sequences if hasattr(output, "sequences") else output
     return sequences[:, inputs["input_ids"].shape[1] :]
@@ -528,7 +539,8 @@ def icet_scan(
         An :class:`IcetReport` (`.save(out_dir)` writes JSON, Markdown and the plot).
     """
     items = check_items(items, "ICET prompt set")
-    num_layers = vision_encoder_depth(model)
+    early_exit = early_exit_for(model)  # built once: every layer and batch generates through it
+    num_layers = early_exit.num_layers
     scan_layers = resolve_layers(layers, num_layers)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
@@ -565,7 +577,14 @@ def icet_scan(
             responses: list[str] = [""] * len(items)
             for rows, inputs in batches:
                 tokens = generate_at_layer(
-                    model, processor, inputs, layer, max_new_tokens=max_new_tokens, gating=safety_gating, **decoding
+                    model,
+                    processor,
+                    inputs,
+                    layer,
+                    max_new_tokens=max_new_tokens,
+                    gating=safety_gating,
+                    early_exit=early_exit,
+                    **decoding,
                 )
                 for index, response in zip(rows, decode_responses(processor, tokens)):
                     responses[index] = response
@@ -603,7 +622,7 @@ def icet_scan(
         model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         model_type=getattr(model.config, "model_type", None),
         num_layers=num_layers,
-        default_layer=default_feature_layer(model),
+        default_layer=early_exit.default_layer,
         gating=safety_gating,
         judge=judge.describe(),
         settings={"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, **decoding},

@@ -37,7 +37,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -58,7 +58,7 @@ from ..training.stages import (
 )
 from .early_exit import early_exit_for
 from ..prompting import decode_responses, encode_items, is_safevlm
-from .icet import generate_at_layer, resolve_layers, vision_encoder_depth
+from .icet import generate_at_layer, resolve_layers
 from .lppo_config import LPPOConfig
 from .ppo_math import (
     clipped_policy_loss,
@@ -103,15 +103,12 @@ class Rollout:
     """One rollout batch, everything the PPO updates need (tensors are `(batch, response_length)` unless noted)."""
 
     layer: int
-    items: list[Any]
     inputs: dict[str, Any]  # processor inputs of the prompts (left-padded)
     has_image: list[bool]
     responses: torch.Tensor  # sampled token ids, right-padded
     mask: torch.Tensor  # 1 up to and including each row's EOS
-    texts: list[str]
     scores: torch.Tensor  # (batch,)
     logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
     values: torch.Tensor
     kl: torch.Tensor
     advantages: torch.Tensor
@@ -126,6 +123,15 @@ def response_mask(responses: torch.Tensor, eos_token_id: int | Sequence[int] | N
     is_eos = torch.isin(responses, eos_ids.to(responses.device))
     eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # EOS strictly before position t
     return (eos_before == 0).float()
+
+
+def mean_update_statistics(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The approximate KL and clip fraction of a run's logged steps, each a mean per update: whether the policy moved at
+    all. `nan` for an empty log. The one average the run's record and `safevlm lppo`'s summary both report."""
+    return {
+        key: sum(entry[key] for entry in history) / len(history) if history else float("nan")
+        for key in ("approx_kl", "clip_fraction")
+    }
 
 
 def _select_rows(
@@ -173,8 +179,8 @@ class RowSeededSampler(LogitsProcessor):
 
     With the global random stream, a row's sample would depend on which other rows share its batch - and so on the
     number of processes. Returned as a one-hot distribution, so `generate(do_sample=True)` keeps the choice. Applies
-    the temperature / top-k / top-p itself (transformers' warpers run after custom processors and leave a one-hot
-    distribution unchanged).
+    the temperature / top-k / top-p itself, the one place they are applied: transformers runs its own warpers after
+    custom processors, on the one-hot choice, so the trainer passes `generate` neutral values for them.
     """
 
     def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_k: int, top_p: float):
@@ -243,7 +249,10 @@ class LPPOTrainer:
                 f"reward must be callable(prompts, responses, items) -> list[float], got {type(reward).__name__}."
             )
         self.reward = reward
-        self.num_layers = vision_encoder_depth(model)
+        # How this model family's LLM is made to read vision layer l (hooks or kwargs on the model's own modules, so
+        # it holds through the PEFT and DDP wrappers); built once, for every rollout, scoring and update.
+        self.early_exit = early_exit_for(model)
+        self.num_layers = self.early_exit.num_layers
         self.layers = resolve_layers(config.layers, self.num_layers)
         self.is_safevlm = is_safevlm(model)
         sources = sorted({str(item.source) for item in self.items if getattr(item, "source", None)})
@@ -277,10 +286,6 @@ class LPPOTrainer:
         image_token_id = getattr(model.config, "image_token_id", None)
         vocabulary = model.get_output_embeddings().weight.shape[0]  # Llama 3.2 Vision's image token has no logit
         self.banned_token_ids = [image_token_id] if image_token_id is not None and image_token_id < vocabulary else []
-        # How this model family's LLM is made to read vision layer l (hooks or kwargs on the model's own modules, so
-        # it holds through the PEFT and DDP wrappers).
-        self.early_exit = early_exit_for(model)
-
         set_seed(config.seed)  # LoRA and value-head initialisation are part of the run's seeded state
         model.requires_grad_(False)
         if config.use_lora:
@@ -352,7 +357,7 @@ class LPPOTrainer:
         """Run ``model`` - a forward pass, or `generate` for rollouts - with its LLM reading image features from vision
         layer ``layer``: the one place where the target layer is applied."""
         if generate:
-            return generate_at_layer(model, self.processor, inputs, layer, **kwargs)
+            return generate_at_layer(model, self.processor, inputs, layer, early_exit=self.early_exit, **kwargs)
         with self.early_exit.at(layer) as exit_kwargs:
             return model(**inputs, **exit_kwargs, **kwargs)
 
@@ -445,9 +450,11 @@ class LPPOTrainer:
             max_new_tokens=config.max_new_tokens,
             gating=False if self.is_safevlm else None,
             do_sample=True,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
+            # The sampler applies temperature / top-k / top-p and draws the token; neutral values keep generate()
+            # (and the model's generation_config) from adding warpers of its own after that draw.
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
             suppress_tokens=self.banned_token_ids or None,
             logits_processor=[RowSeededSampler(generators, config.temperature, config.top_k, config.top_p)],
         )
@@ -466,13 +473,14 @@ class LPPOTrainer:
 
         model = self.accelerator.unwrap_model(self.model)
         logits, values = self._score(model, local, responses, mask, layer)
+        values = values * mask  # no value estimate after a row's EOS
         logprobs = logprobs_from_logits(logits, responses)
         with self._reference_context():
             reference = self.reference if self.reference is not None else self.policy
             ref_logits, _ = self._score(reference, local, responses, mask, layer)
         ref_logprobs = logprobs_from_logits(ref_logits, responses)
         rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, config.kl_coef, config.kl_estimator)
-        advantages, returns = compute_gae(rewards, values * mask, mask, config.gamma, config.lam)
+        advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
 
         gathered = {
             "responses": self._gather_rows(responses, pad=self.pad_token_id),
@@ -482,8 +490,7 @@ class LPPOTrainer:
                     mask=mask,
                     scores=scores,
                     logprobs=logprobs,
-                    ref_logprobs=ref_logprobs,
-                    values=values * mask,
+                    values=values,
                     kl=kl,
                     advantages=advantages,
                     returns=returns,
@@ -492,8 +499,7 @@ class LPPOTrainer:
         }
         if config.whiten_advantages:  # over the whole batch, as on one process
             gathered["advantages"] = masked_whiten(gathered["advantages"], gathered["mask"])
-        all_texts = gather_object(texts) if self.accelerator.num_processes > 1 else texts
-        return Rollout(layer=layer, items=list(items), inputs=inputs, has_image=has_image, texts=all_texts, **gathered)
+        return Rollout(layer=layer, inputs=inputs, has_image=has_image, **gathered)
 
     # --------------------------------------------------------------------------------------------------- updates
     def _global_mean(self, local_sum: torch.Tensor) -> float:
@@ -635,8 +641,8 @@ class LPPOTrainer:
         metrics: dict[str, Any] = {}
         if history:
             metrics["reward_last_step"] = round(history[-1]["reward"], 6)
-            for key in ("approx_kl", "clip_fraction"):  # mean per update: whether the policy moved at all
-                metrics[f"mean_{key}"] = round(sum(h[key] for h in history) / len(history), 9)
+            for key, value in mean_update_statistics(history).items():
+                metrics[f"mean_{key}"] = round(value, 9)
         if len(self.eval_history) >= 2:  # the same held-out prompts before and after
             metrics["heldout_reward_before"] = round(self.eval_history[0]["reward"], 6)
             metrics["heldout_reward_after"] = round(self.eval_history[-1]["reward"], 6)
@@ -822,4 +828,12 @@ class LPPOTrainer:
         return path
 
 
-__all__ = ["LPPOTrainer", "PolicyWithValueHead", "Rollout", "RowSeededSampler", "ValueHead", "response_mask"]
+__all__ = [
+    "LPPOTrainer",
+    "PolicyWithValueHead",
+    "Rollout",
+    "RowSeededSampler",
+    "ValueHead",
+    "mean_update_statistics",
+    "response_mask",
+]

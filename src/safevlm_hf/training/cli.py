@@ -17,6 +17,7 @@ import argparse
 import json
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 from transformers.utils import logging
@@ -24,6 +25,10 @@ from transformers.utils import logging
 from ..checkpoints import CheckpointFileError, check_safetensors_files
 from ..cli_support import EXIT_OK, fail
 from ..prompting import is_safevlm_config
+
+
+if TYPE_CHECKING:
+    from .recipes import TrainingRecipe
 
 
 logger = logging.get_logger(__name__)
@@ -273,14 +278,17 @@ def _add_train_parser(subparsers) -> None:
     parser.set_defaults(func=run_train)
 
 
-def training_settings(args: argparse.Namespace) -> dict[str, object]:
+def training_settings(args: argparse.Namespace, recipe: TrainingRecipe | None = None) -> dict[str, object]:
     """The `SafeVLMTrainingConfig` field settings of ``safevlm train`` options: built-in defaults, then the recipe's
-    stage block, then the flags the user gave, then ``--set KEY=VALUE`` (values still untyped)."""
+    stage block, then the flags the user gave, then ``--set KEY=VALUE`` (values still untyped).
+
+    ``recipe`` is ``args.recipe`` when the caller has loaded it already (default: loaded here).
+    """
     from .recipes import load_recipe
 
     settings: dict[str, object] = {field: default for field, default in _TRAIN_FLAGS.values()}
     if args.recipe:
-        settings.update(load_recipe(args.recipe).settings(args.stage))
+        settings.update((recipe or load_recipe(args.recipe)).settings(args.stage))
     for dest, (field, _) in _TRAIN_FLAGS.items():
         value = getattr(args, dest, None)  # `safevlm plan` has only some of the options
         if value is not None:
@@ -482,10 +490,11 @@ def run_plan(args: argparse.Namespace) -> int:
     from .recipes import load_recipe
 
     try:
-        settings = training_settings(args)
+        recipe = load_recipe(args.recipe) if args.recipe else None  # read once: its settings and its launch block
+        settings = training_settings(args, recipe)
         engine = args.engine
-        if engine is None and args.recipe:
-            engine = _LAUNCH_ENGINES.get(str(load_recipe(args.recipe).launch.get("accelerate_config")))
+        if engine is None and recipe is not None:
+            engine = _LAUNCH_ENGINES.get(str(recipe.launch.get("accelerate_config")))
         chosen = {
             "precision": "bf16" if settings["bf16"] else "fp32",
             "gradient_checkpointing": bool(settings["activation_checkpointing"]),

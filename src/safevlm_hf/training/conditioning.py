@@ -22,10 +22,15 @@ their level, i.e. by the generic per-level rules, with the policy's generic reas
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import TYPE_CHECKING, Sequence
 
 from ..data.examples import NO_SUBCATEGORY, SafetyDataset, SafetyExample
 from ..modeling.policy_safevlm import RESPONSE_MODES, SAFE_TYPE, SafetyPolicy
+
+
+if TYPE_CHECKING:
+    from ..evaluation.judges import StringMatchJudge
 
 
 def policy_action(
@@ -53,10 +58,17 @@ def _joined(*parts: str) -> str:
     return text
 
 
-def _is_refusal(answer: str) -> bool:
-    from ..evaluation.judges import StringMatchJudge  # the measured refusal judge (see its README for its error)
+@functools.cache
+def _refusal_judge() -> StringMatchJudge:
+    """The measured refusal judge (see its README for its error), built once: it compiles its rules when built, and
+    its ``match`` keeps no state between answers."""
+    from ..evaluation.judges import StringMatchJudge
 
-    return StringMatchJudge().match(answer) is not None
+    return StringMatchJudge()
+
+
+def _is_refusal(answer: str) -> bool:
+    return _refusal_judge().match(answer) is not None
 
 
 def condition_example(

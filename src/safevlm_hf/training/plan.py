@@ -27,10 +27,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
+
+
+if TYPE_CHECKING:
+    from ..modeling.configuration_safevlm import SafeVLMConfig
 
 
 GIB = 1024**3
@@ -61,7 +65,7 @@ BUILTIN_MODELS = {
 }
 
 
-def plan_config(model: str | os.PathLike, num_safety_tokens: int | None = None):
+def plan_config(model: str | os.PathLike) -> SafeVLMConfig:
     """The `SafeVLMConfig` to plan for: a built-in name (``llava-1.5-7b``, ``llava-1.5-13b``), or a local folder with a
     SafeVLM or LLaVA ``config.json`` (a LLaVA config gets the default safety modules, as `safevlm convert` would)."""
     from transformers import AutoConfig
@@ -69,9 +73,8 @@ def plan_config(model: str | os.PathLike, num_safety_tokens: int | None = None):
     from ..modeling.configuration_safevlm import SafeVLMConfig
     from ..real_shapes import llava_15_config
 
-    overrides = {} if num_safety_tokens is None else {"num_safety_tokens": num_safety_tokens}
     if str(model) in BUILTIN_MODELS:
-        return SafeVLMConfig.from_llava_config(llava_15_config(BUILTIN_MODELS[str(model)]), **overrides)
+        return SafeVLMConfig.from_llava_config(llava_15_config(BUILTIN_MODELS[str(model)]))
     if not os.path.isdir(model):
         raise ValueError(
             f"{model!r} is neither a model folder nor a built-in shape ({', '.join(BUILTIN_MODELS)}); nothing is "
@@ -79,13 +82,13 @@ def plan_config(model: str | os.PathLike, num_safety_tokens: int | None = None):
         )
     config = AutoConfig.from_pretrained(model)
     if config.model_type == "safevlm":
-        return config if not overrides else SafeVLMConfig.from_llava_config(config, **overrides)
+        return config
     if config.model_type != "llava":
         raise ValueError(
             f"{model} holds a {config.model_type!r} config; safevlm plan takes LLaVA-1.5 or SafeVLM on LLaVA-1.5 "
             "(its activation estimate counts a fixed image_seq_length per image; LLaVA-NeXT's anyres count varies)."
         )
-    return SafeVLMConfig.from_llava_config(config, **overrides)
+    return SafeVLMConfig.from_llava_config(config)
 
 
 def build_meta_model(config) -> nn.Module:

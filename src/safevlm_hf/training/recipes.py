@@ -132,14 +132,18 @@ def load_recipe(name_or_path: str | os.PathLike) -> TrainingRecipe:
         launch=dict(launch),
     )
     for stage in (1, 2):  # a bad value fails when the recipe is read, not hours later when that stage starts
-        check_settings(stages[stage], f"{path}: stage{stage}")
+        _check_values(stages[stage], f"{path}: stage{stage}")  # the keys were checked above
     return recipe
 
 
-def _check_keys(settings: Mapping[str, Any], origin: str) -> None:
+def _check_keys(settings: Mapping[str, Any], origin: str, run_fields: bool = False) -> None:
+    """Every key must be a training field; ``run_fields`` also allows the ones a run sets (``stage``,
+    ``output_dir``), which a recipe may not."""
     known = {f.name for f in fields(SafeVLMTrainingConfig) if f.init}
     for key in settings:
         if key in _RUN_FIELDS:
+            if run_fields:
+                continue
             raise RecipeError(f"{origin}: {key!r} is set by the run (--stage / --out), not by a recipe; remove it.")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
@@ -168,7 +172,12 @@ def _parser():
 def check_settings(settings: Mapping[str, Any], origin: str = "training settings") -> None:
     """Check that every key is a training field and every value parses as that field's type (hardware-independent:
     the config itself is not built, so e.g. ``bf16: true`` passes on a machine without a GPU)."""
-    _check_keys({k: v for k, v in settings.items() if k not in _RUN_FIELDS}, origin)
+    _check_keys(settings, origin, run_fields=True)
+    _check_values(settings, origin)
+
+
+def _check_values(settings: Mapping[str, Any], origin: str) -> None:
+    """Every value must parse as its field's type (the keys are already known to be fields)."""
     try:
         _parser().parse_known_args(_argv(settings, origin))
     except argparse.ArgumentError as err:
@@ -181,11 +190,10 @@ def build_training_config(settings: Mapping[str, Any], origin: str = "training s
     Values may be strings (from the command line) or YAML/JSON scalars and lists; ``None`` leaves a field at its
     default. Errors name ``origin`` and the field.
     """
-    check_settings(settings, origin)
-    try:
-        (config, unknown) = _parser().parse_args_into_dataclasses(
-            args=_argv(settings, origin), return_remaining_strings=True
-        )
+    _check_keys(settings, origin, run_fields=True)  # a clear error, with close field names, before parsing
+    argv = _argv(settings, origin)  # outside the `try`: its RecipeError already names the origin
+    try:  # parsed once: a value of the wrong type fails here, as in check_settings
+        (config, unknown) = _parser().parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except (argparse.ArgumentError, ValueError) as err:
         raise RecipeError(f"{origin}: {err}") from err
     if unknown:
