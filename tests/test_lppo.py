@@ -25,7 +25,7 @@ from safevlm_hf.layerwise import (
 from safevlm_hf.layerwise.early_exit import ImageEncoderEarlyExit
 from safevlm_hf.layerwise.lppo_trainer import _stream_seed, mean_update_statistics, response_mask
 from safevlm_hf.prompting import encode_items
-from safevlm_hf.tiny import build_tiny_reward_model
+from safevlm_hf.tiny import build_tiny_mllama, build_tiny_reward_model
 
 
 REFUSAL = "I'm sorry, but I can't help with this request."
@@ -366,3 +366,27 @@ def test_bad_trainer_input_is_a_clear_error(peaked_llava, tmp_path):
         trainer.train()
     with pytest.raises(ValueError, match="needs a SafeVLM"):
         SafetyHeadReward(model, processor)
+
+
+@pytest.mark.parametrize("family", ["llava", "mllama"])
+def test_full_llm_reference_reads_the_same_vision_layer_as_the_policy(family, peaked_llava, tmp_path):
+    """The frozen, offloaded copy is scored at the rollout's layer too: before any update it is the policy, so the first
+    step's KL is zero. (mllama's early exit hooks the model it is built for, so the copy needs its own; and its vision
+    model reads a submodule's weight outside that submodule's call, so offloading streams the encoder in whole.)"""
+    if family == "llava":
+        model, processor = peaked_llava
+    else:
+        model, processor = build_tiny_mllama()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)  # peaked, as for peaked_llava: sampled answers are then not all padding
+
+    def answer_length(prompts, responses, items):
+        return [float(len(response)) for response in responses]
+
+    settings = dict(use_lora=False, max_steps=1, learning_rate=1e-3, max_new_tokens=4)  # reference offloaded
+    trainer = LPPOTrainer(model, processor, config(tmp_path, **settings), training_items(4), answer_length)
+    assert trainer.layers == [1] and trainer.early_exit.default_layer != 1
+    (entry,) = trainer.train()
+    assert all(parameter.device.type == "meta" for parameter in trainer.reference.parameters())
+    assert entry["response_length"] > 0
+    assert abs(entry["kl"]) < 1e-6, entry["kl"]

@@ -105,6 +105,14 @@ def _unwrapped(model: Any) -> Any:
     return get_base_model() if callable(get_base_model) else model
 
 
+def _family_module(model: Any, name: str, layout: str) -> torch.nn.Module:
+    """`model.model.<name>` (under a PEFT wrapper too), or an error naming the layout the family's early exit expects."""
+    module = getattr(getattr(_unwrapped(model), "model", None), name, None)
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"{type(model).__name__} has no `model.{name}`; this early exit expects {layout}'s layout.")
+    return module
+
+
 class ImageEncoderEarlyExit(abc.ABC):
     """How one VLM family feeds its LLM the image states of vision layer `l` (see the module docstring).
 
@@ -132,6 +140,10 @@ class ImageEncoderEarlyExit(abc.ABC):
 
     @abc.abstractmethod
     def _default_layer(self, config: Any) -> int: ...
+
+    @abc.abstractmethod
+    def vision_encoder(self) -> torch.nn.Module:
+        """The model's vision encoder module (the one whose layers are numbered 1..N)."""
 
     @abc.abstractmethod
     def at(self, layer: int) -> contextlib.AbstractContextManager[dict[str, Any]]:
@@ -165,6 +177,9 @@ class LlavaEarlyExit(ImageEncoderEarlyExit):
     def _default_layer(self, config: Any) -> int:
         return normalize_layer(config.vision_feature_layer, self.num_layers)
 
+    def vision_encoder(self) -> torch.nn.Module:
+        return _family_module(self.model, "vision_tower", "LlavaForConditionalGeneration")
+
     @contextlib.contextmanager
     def at(self, layer: int) -> Iterator[dict[str, Any]]:
         yield {"vision_feature_layer": normalize_layer(layer, self.num_layers)}
@@ -188,15 +203,8 @@ class MllamaEarlyExit(ImageEncoderEarlyExit):
     def _default_layer(self, config: Any) -> int:
         return self.num_layers  # the vision model's own output
 
-    def _vision_model(self) -> torch.nn.Module:
-        inner = getattr(_unwrapped(self.model), "model", None)
-        vision = getattr(inner, "vision_model", None)
-        if vision is None:
-            raise ValueError(
-                f"{type(self.model).__name__} has no `model.vision_model`; the mllama early exit expects "
-                "MllamaForConditionalGeneration's layout."
-            )
-        return vision
+    def vision_encoder(self) -> torch.nn.Module:
+        return _family_module(self.model, "vision_model", "MllamaForConditionalGeneration")
 
     @contextlib.contextmanager
     def at(self, layer: int) -> Iterator[dict[str, Any]]:
@@ -204,7 +212,7 @@ class MllamaEarlyExit(ImageEncoderEarlyExit):
         if layer == self.default_layer:
             yield {}
             return
-        vision = self._vision_model()
+        vision = self.vision_encoder()
         local = vision.config.num_hidden_layers
         block = (
             vision.transformer.layers[layer - 1]

@@ -294,8 +294,12 @@ class LPPOTrainer:
             )
             self.policy = apply_llm_lora(model, lora)
             self.reference = None  # the policy with its adapters disabled: no second copy of the model
+            self.reference_early_exit = self.early_exit
         else:
             self.reference = self._frozen_reference(model)
+            # The copy needs an early exit of its own: a family's exit may hook the modules of the model it was built
+            # for (mllama's does), and the policy's hooks would leave the reference reading its default layer.
+            self.reference_early_exit = early_exit_for(self.reference)
             self.policy = model
             if self.is_safevlm:  # Stage II's rule: the input embeddings stay frozen, since the safety head reads them
                 freeze_for_full_stage2(model)
@@ -346,7 +350,10 @@ class LPPOTrainer:
         if self.config.offload_reference:
             from accelerate import cpu_offload
 
-            return cpu_offload(reference, execution_device=self.device)
+            # The vision encoder is streamed in whole: some (Llama 3.2 Vision's) read a submodule's weight outside
+            # that submodule's call (to pick the input device), which per-module offloading leaves on `meta`.
+            vision_encoder = type(self.early_exit.vision_encoder()).__name__  # the copy's is of the same class
+            return cpu_offload(reference, execution_device=self.device, preload_module_classes=[vision_encoder])
         return reference.to(self.device)
 
     def _reference_context(self):
@@ -358,7 +365,8 @@ class LPPOTrainer:
         layer ``layer``: the one place where the target layer is applied."""
         if generate:
             return generate_at_layer(model, self.processor, inputs, layer, early_exit=self.early_exit, **kwargs)
-        with self.early_exit.at(layer) as exit_kwargs:
+        early_exit = self.reference_early_exit if model is self.reference else self.early_exit
+        with early_exit.at(layer) as exit_kwargs:
             return model(**inputs, **exit_kwargs, **kwargs)
 
     def _sequence_inputs(self, rollout_inputs: dict[str, Any], responses: torch.Tensor, mask: torch.Tensor):
